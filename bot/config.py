@@ -1,0 +1,140 @@
+"""Settings from the environment (and an optional ``.env``), validated once at start-up.
+
+Bot settings are prefixed ``BOT_``; the platforms keep their own standard names
+(``SLACK_BOT_TOKEN``, ``DISCORD_BOT_TOKEN``, ...). Secrets are ``SecretStr`` so they never
+appear in a repr or a log line.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Any
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_SLACK_API_URL = "https://slack.com/api/"
+DEFAULT_DISCORD_API_URL = "https://discord.com/api/v10"
+DEFAULT_DISCORD_GATEWAY_URL = "wss://gateway.discord.gg/"
+
+IdList = Annotated[frozenset[str], NoDecode]
+
+
+class DeniedMode(enum.StrEnum):
+    REFUSE = "refuse"  # a polite one-line refusal
+    SILENT = "silent"  # no reply at all
+
+
+def _alias(*names: str) -> Any:
+    return Field(None, validation_alias=AliasChoices(*names))
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="BOT_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    # Model
+    model_path: str = "THUDM/chatglm2-6b-int4"
+    model_dtype: str = Field("auto", pattern="^(auto|float32|bfloat16|float16)$")
+    device: str = Field("auto", pattern="^(auto|cpu|cuda)$")
+    num_threads: int = Field(0, ge=0, description="intra-op threads of the inference thread; 0 = auto")
+
+    # Sampling and limits
+    temperature: float = Field(0.8, ge=0.0, le=5.0)
+    top_p: float = Field(0.8, gt=0.0, le=1.0)
+    top_k: int = Field(50, ge=0)
+    max_new_tokens: int = Field(512, ge=1, le=8192)
+    max_context_tokens: int = Field(8192, ge=64)
+    max_message_chars: int = Field(8000, ge=1)
+
+    # Model service
+    queue_size: int = Field(64, ge=1)
+    request_timeout_s: float = Field(300.0, gt=0)
+    stream_interval: float = Field(1.0, ge=0.0)
+
+    # Storage
+    database_url: str = "sqlite:///chatglm-bot.db"
+    event_retention_hours: float = Field(72.0, gt=0)
+    recover_window_s: float = Field(900.0, ge=0, description="answer unanswered events younger than this")
+
+    # HTTP (/healthz, /metrics, /slack/events)
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8080, ge=0, le=65535)
+
+    # Access control
+    access_denied_mode: DeniedMode = DeniedMode.REFUSE
+    slack_allowed_users: IdList = frozenset()
+    slack_allowed_channels: IdList = frozenset()
+    discord_allowed_users: IdList = frozenset()
+    discord_allowed_channels: IdList = frozenset()
+
+    log_level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
+
+    # Slack (standard names)
+    slack_bot_token: SecretStr | None = _alias("SLACK_BOT_TOKEN")
+    slack_signing_secret: SecretStr | None = _alias("SLACK_SIGNING_SECRET")
+    slack_app_token: SecretStr | None = _alias("SLACK_APP_TOKEN")
+    slack_api_url: str = Field(DEFAULT_SLACK_API_URL, validation_alias=AliasChoices("SLACK_API_URL"))
+    slack_thread_followups: bool = True
+
+    # Discord (standard names)
+    discord_bot_token: SecretStr | None = _alias("DISCORD_BOT_TOKEN")
+    discord_api_url: str = Field(
+        DEFAULT_DISCORD_API_URL, validation_alias=AliasChoices("DISCORD_API_URL")
+    )
+    discord_gateway_url: str = Field(
+        DEFAULT_DISCORD_GATEWAY_URL, validation_alias=AliasChoices("DISCORD_GATEWAY_URL")
+    )
+    discord_message_content: bool = False
+    discord_admin_ids: IdList = frozenset()
+
+    @field_validator(
+        "slack_allowed_users",
+        "slack_allowed_channels",
+        "discord_allowed_users",
+        "discord_allowed_channels",
+        "discord_admin_ids",
+        mode="before",
+    )
+    @classmethod
+    def _split_ids(cls, value: object) -> object:
+        if isinstance(value, str):
+            return frozenset(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _check_context(self) -> Settings:
+        if self.max_new_tokens >= self.max_context_tokens:
+            raise ValueError(
+                f"BOT_MAX_NEW_TOKENS ({self.max_new_tokens}) must be below "
+                f"BOT_MAX_CONTEXT_TOKENS ({self.max_context_tokens})"
+            )
+        return self
+
+    @property
+    def slack_enabled(self) -> bool:
+        return self.slack_bot_token is not None
+
+    @property
+    def discord_enabled(self) -> bool:
+        return self.discord_bot_token is not None
+
+    @property
+    def slack_socket_mode(self) -> bool:
+        return self.slack_app_token is not None
+
+    def allowlists(self, platform: str) -> tuple[frozenset[str], frozenset[str]]:
+        """(users, channels) allowed on ``platform``; an empty set allows everyone."""
+        users: frozenset[str] = getattr(self, f"{platform}_allowed_users", frozenset())
+        channels: frozenset[str] = getattr(self, f"{platform}_allowed_channels", frozenset())
+        return users, channels
+
+
+class ConfigError(Exception):
+    """A misconfiguration; the CLI prints its message as one line and exits."""

@@ -1,0 +1,149 @@
+"""The neutral event model: what every adapter translates to and from.
+
+Adapters turn a platform payload into one frozen ``IncomingMessage`` and give the core a
+``ReplyHandle`` that turns neutral reply calls back into platform calls. Nothing here knows
+about Slack, Discord, SQL or the model.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelRef:
+    """The key of one conversation: a Slack thread, a Discord channel or thread, a DM, the console."""
+
+    platform: str
+    channel_id: str
+    thread_id: str | None = None
+
+    def __str__(self) -> str:
+        suffix = f"/{self.thread_id}" if self.thread_id else ""
+        return f"{self.platform}:{self.channel_id}{suffix}"
+
+
+class Command(enum.StrEnum):
+    """What a message asks of the core. Adapters map their own syntax (``/reset``) onto these."""
+
+    CHAT = "chat"
+    RESET = "reset"
+    HELP = "help"
+
+
+def _frozen_raw(raw: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return MappingProxyType(dict(raw or {}))
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingMessage:
+    """One user message, platform-neutral.
+
+    ``command`` is None when the adapter leaves it to the core to read a leading ``reset`` /
+    ``help`` from the text (mentions, DMs, console); adapters with explicit commands
+    (``/ask``, ``/reset``) set it. ``followup_only`` marks a message that should be answered
+    only if its conversation already has history (Slack thread follow-ups without a mention).
+    """
+
+    event_id: str
+    channel: ChannelRef
+    author_id: str
+    author_name: str
+    text: str
+    is_direct: bool = False
+    received_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    raw: Mapping[str, Any] = field(default_factory=lambda: _frozen_raw(None))
+    command: Command | None = None
+    followup_only: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.raw, MappingProxyType):
+            object.__setattr__(self, "raw", _frozen_raw(self.raw))
+
+
+class ReplyHandle(Protocol):
+    """Where one answer goes. Every call receives the whole text so far, not a delta.
+
+    ``begin`` is called once the core has decided to answer (after dedupe and access control),
+    so an adapter can post its placeholder then; ``update`` carries partial text (the core
+    throttles it); exactly one of ``finish`` / ``fail`` ends the reply.
+    """
+
+    async def begin(self) -> None: ...
+
+    async def update(self, text: str) -> None: ...
+
+    async def finish(self, text: str) -> None: ...
+
+    async def fail(self, reason: str) -> None: ...
+
+
+class Outcome(enum.StrEnum):
+    """What the core did with a message; adapters may use it to clean up (e.g. a deferred reply)."""
+
+    ANSWERED = "answered"
+    COMMAND = "command"
+    DUPLICATE = "duplicate"
+    IGNORED = "ignored"
+    REFUSED = "refused"
+    REJECTED = "rejected"  # bad input answered with an explanation, no model call
+    FAILED = "failed"
+
+
+Handler = Callable[[IncomingMessage, ReplyHandle], Awaitable[Outcome]]
+
+
+class Adapter(Protocol):
+    """A platform connection. It translates only: no model, no SQL."""
+
+    platform: str
+
+    async def start(self, handler: Handler) -> None:
+        """Connect and begin delivering messages to ``handler``; returns once running."""
+        ...
+
+    async def stop(self) -> None: ...
+
+    def reply_for(self, message: IncomingMessage) -> ReplyHandle | None:
+        """A reply handle for a message recovered from storage after a restart, or None if the
+        platform can no longer be answered for it (e.g. an expired interaction)."""
+        ...
+
+
+def message_to_dict(message: IncomingMessage) -> dict[str, Any]:
+    """A JSON-safe form, persisted with the event so a crashed answer can be redone at restart."""
+    return {
+        "event_id": message.event_id,
+        "platform": message.channel.platform,
+        "channel_id": message.channel.channel_id,
+        "thread_id": message.channel.thread_id,
+        "author_id": message.author_id,
+        "author_name": message.author_name,
+        "text": message.text,
+        "is_direct": message.is_direct,
+        "received_at": message.received_at.isoformat(),
+        "raw": dict(message.raw),
+        "command": message.command.value if message.command else None,
+        "followup_only": message.followup_only,
+    }
+
+
+def message_from_dict(data: Mapping[str, Any]) -> IncomingMessage:
+    command = data.get("command")
+    return IncomingMessage(
+        event_id=str(data["event_id"]),
+        channel=ChannelRef(str(data["platform"]), str(data["channel_id"]), data.get("thread_id")),
+        author_id=str(data["author_id"]),
+        author_name=str(data["author_name"]),
+        text=str(data["text"]),
+        is_direct=bool(data.get("is_direct", False)),
+        received_at=datetime.fromisoformat(str(data["received_at"])),
+        raw=data.get("raw") or {},
+        command=Command(command) if command else None,
+        followup_only=bool(data.get("followup_only", False)),
+    )
