@@ -80,9 +80,7 @@ class Settings(BaseSettings):
 
     # Discord (standard names)
     discord_bot_token: SecretStr | None = _alias("DISCORD_BOT_TOKEN")
-    discord_api_url: str = Field(
-        DEFAULT_DISCORD_API_URL, validation_alias=AliasChoices("DISCORD_API_URL")
-    )
+    discord_api_url: str = Field(DEFAULT_DISCORD_API_URL, validation_alias=AliasChoices("DISCORD_API_URL"))
     discord_gateway_url: str = Field(
         DEFAULT_DISCORD_GATEWAY_URL, validation_alias=AliasChoices("DISCORD_GATEWAY_URL")
     )
@@ -138,3 +136,14 @@ class Settings(BaseSettings):
 
 class ConfigError(Exception):
     """A misconfiguration; the CLI prints its message as one line and exits."""
+
+
+def secret_values(settings: Settings) -> list[str]:
+    """The configured secrets' plain values, for log redaction only."""
+    fields = (
+        settings.slack_bot_token,
+        settings.slack_signing_secret,
+        settings.slack_app_token,
+        settings.discord_bot_token,
+    )
+    return [field.get_secret_value() for field in fields if field is not None]

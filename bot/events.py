@@ -8,7 +8,7 @@ about Slack, Discord, SQL or the model.
 from __future__ import annotations
 
 import enum
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
@@ -95,7 +95,7 @@ class Outcome(enum.StrEnum):
     FAILED = "failed"
 
 
-Handler = Callable[[IncomingMessage, ReplyHandle], Awaitable[Outcome]]
+Handler = Callable[[IncomingMessage, ReplyHandle], Coroutine[Any, Any, Outcome]]
 
 
 class Adapter(Protocol):

@@ -1,0 +1,107 @@
+"""Command line: ``chatglm-bot serve | chat | generate | discord-sync``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from bot import logs
+from bot.config import ConfigError, Settings, secret_values
+
+PROG = "chatglm-bot"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="A Slack / Discord / console chat bot on ChatGLM2-6B"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the configured platform adapters and the HTTP server")
+    serve.set_defaults(func=_serve)
+
+    chat = sub.add_parser("chat", help="chat in this terminal")
+    chat.add_argument("--session", default="local", help="conversation name (default: local)")
+    chat.set_defaults(func=_chat)
+
+    run = sub.add_parser("run", help="serve when a platform is configured, else chat")
+    run.set_defaults(func=_run, session="local")
+
+    generate = sub.add_parser("generate", help="generate one answer from a model folder")
+    from bot.model import cli as model_cli
+
+    model_cli.configure_parser(generate)
+    generate.set_defaults(func=model_cli.run)
+
+    sync = sub.add_parser("discord-sync", help="register the Discord slash commands")
+    from adapters import discord_adapter
+
+    discord_adapter.configure_sync_parser(sync)
+    sync.set_defaults(func=lambda args: discord_adapter.run_sync(args, load_settings()))
+    return parser
+
+
+def load_settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"]) or "settings"
+        name = where.upper() if where.isupper() or where.startswith(("SLACK", "DISCORD")) else where
+        if not name.startswith(("SLACK_", "DISCORD_")):
+            name = f"BOT_{where.upper()}"
+        raise ConfigError(f"{name}: {error['msg']}") from None
+
+
+def _prepare(*, quiet: bool = False) -> Settings:
+    from bot.app import check_settings
+
+    settings = load_settings()
+    level = "WARNING" if quiet and settings.log_level == "INFO" else settings.log_level
+    logs.configure(level, secret_values(settings))
+    check_settings(settings)
+    return settings
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from bot.app import run
+
+    settings = _prepare()
+    if not (settings.slack_enabled or settings.discord_enabled):
+        raise ConfigError(
+            "no platform is configured: set SLACK_BOT_TOKEN or DISCORD_BOT_TOKEN (or use 'chat')"
+        )
+    asyncio.run(run(settings))
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from adapters.console_adapter import ConsoleAdapter
+    from bot.app import run
+
+    settings = _prepare(quiet=True)
+    # A terminal shows text as it comes; the platforms' one-edit-per-second pace would only lag.
+    settings = settings.model_copy(update={"stream_interval": min(settings.stream_interval, 0.05)})
+    asyncio.run(run(settings, console=ConsoleAdapter(session=args.session)))
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    return _serve(args) if settings.slack_enabled or settings.discord_enabled else _chat(args)

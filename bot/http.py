@@ -1,0 +1,37 @@
+"""The one HTTP server: /healthz, /metrics, and routes adapters mount (Slack's /slack/events)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+log = logging.getLogger(__name__)
+
+HealthCheck = Callable[[], dict[str, object]]
+
+
+def create_app(health: HealthCheck) -> web.Application:
+    app = web.Application(client_max_size=1024**2)
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", **health()})
+
+    async def metrics(request: web.Request) -> web.Response:
+        body = generate_latest()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+async def start_server(app: web.Application, host: str, port: int) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    log.info("HTTP server listening on %s:%d", host, port)
+    return runner

@@ -1,0 +1,158 @@
+"""Shared test doubles: a deterministic Generator and a whole bot stack over a temporary SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bot.config import Settings
+from bot.core import Bot
+from bot.generation import GenerationRequest, GenerationResult, Turn
+from bot.service import ModelService
+from storage.repository import Storage
+
+_PIECES = re.compile(r"\s*\S+|\s+")
+
+
+def default_reply(request: GenerationRequest) -> str:
+    """Depends on the query and on how many turns of history the model saw."""
+    return f"Answer {len(request.history) + 1} to: {request.query}"
+
+
+class ScriptedGenerator:
+    """A Generator whose answer is a function of the request, streamed piece by piece.
+
+    Token counts are whitespace words (+4 per prompt part), which keeps budget tests readable.
+    """
+
+    def __init__(
+        self,
+        reply: Callable[[GenerationRequest], str] | None = None,
+        *,
+        token_delay: float = 0.0,
+        max_context_tokens: int = 4096,
+        fail_with: Exception | None = None,
+    ) -> None:
+        self.reply = reply or default_reply
+        self.token_delay = token_delay
+        self.fail_with = fail_with
+        self._max_context_tokens = max_context_tokens
+        self.requests: list[GenerationRequest] = []
+        self.thread_names: set[str] = set()
+        self.started = threading.Event()
+        self._lock = threading.Lock()
+
+    @property
+    def max_context_tokens(self) -> int:
+        return self._max_context_tokens
+
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    def prompt_tokens(self, query: str, history: Sequence[Turn]) -> int:
+        turns = sum(self.count_tokens(q) + self.count_tokens(r) + 4 for q, r in history)
+        return turns + self.count_tokens(query) + 4
+
+    def generate(
+        self,
+        request: GenerationRequest,
+        on_text: Callable[[str], None],
+        should_stop: Callable[[], bool],
+    ) -> GenerationResult:
+        with self._lock:
+            self.requests.append(request)
+            self.thread_names.add(threading.current_thread().name)
+        self.started.set()
+        if self.fail_with is not None:
+            raise self.fail_with
+        text = self.reply(request)
+        pieces = _PIECES.findall(text)[: request.params.max_new_tokens]
+        emitted: list[str] = []
+        for piece in pieces:
+            if should_stop():
+                return GenerationResult("".join(emitted).strip(), 0, len(emitted), stopped=True)
+            if self.token_delay:
+                time.sleep(self.token_delay)
+            on_text(piece)
+            emitted.append(piece)
+        return GenerationResult("".join(emitted).strip(), 0, len(emitted))
+
+
+@dataclass
+class BotStack:
+    bot: Bot
+    storage: Storage
+    service: ModelService
+    settings: Settings
+    generator: ScriptedGenerator
+
+
+def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "database_url": f"sqlite:///{tmp_path / 'bot.db'}",
+        "stream_interval": 0.05,
+        "max_new_tokens": 256,
+        "max_context_tokens": 2048,
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)
+
+
+@asynccontextmanager
+async def bot_stack(
+    tmp_path: Path, generator: ScriptedGenerator | None = None, **overrides: Any
+) -> AsyncIterator[BotStack]:
+    """The real core, storage and model service around a scripted generator.
+
+    Opening a second stack over the same ``tmp_path`` simulates a restart (same SQLite file,
+    a new process instance id).
+    """
+    settings = make_settings(tmp_path, **overrides)
+    gen = generator or ScriptedGenerator()
+    storage = await Storage.open(settings.database_url)
+    service = ModelService(lambda: gen, queue_size=settings.queue_size, timeout_s=settings.request_timeout_s)
+    await service.start()
+    try:
+        yield BotStack(Bot(settings, storage, service), storage, service, settings, gen)
+    finally:
+        await service.close()
+        await storage.close()
+
+
+class RecordingReply:
+    """A ReplyHandle that records every call, for core and console tests."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.done = asyncio.Event()
+
+    async def begin(self) -> None:
+        self.calls.append(("begin", ""))
+
+    async def update(self, text: str) -> None:
+        self.calls.append(("update", text))
+
+    async def finish(self, text: str) -> None:
+        self.calls.append(("finish", text))
+        self.done.set()
+
+    async def fail(self, reason: str) -> None:
+        self.calls.append(("fail", reason))
+        self.done.set()
+
+    @property
+    def final(self) -> tuple[str, str] | None:
+        ends = [call for call in self.calls if call[0] in ("finish", "fail")]
+        assert len(ends) <= 1, f"more than one ending: {ends}"
+        return ends[0] if ends else None
+
+    @property
+    def updates(self) -> list[str]:
+        return [text for kind, text in self.calls if kind == "update"]
