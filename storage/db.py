@@ -1,0 +1,104 @@
+"""Database URLs and engines: SQLite (embedded default) or PostgreSQL, always through async drivers."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from bot.config import ConfigError
+
+# An execution option read by the "begin" hook: a write transaction on SQLite takes the write lock up
+# front (BEGIN IMMEDIATE), so concurrent writers queue on busy_timeout. A deferred transaction that
+# reads first and then writes fails at once with "database is locked"; busy_timeout cannot save it.
+SQLITE_IMMEDIATE = "sqlite_begin_immediate"
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+_ASYNC_DRIVERS = {"sqlite": "aiosqlite", "postgresql": "asyncpg"}
+_KNOWN_ASYNC = {"sqlite": {"aiosqlite"}, "postgresql": {"asyncpg", "psycopg", "psycopg_async"}}
+_SYNC_DRIVERS = {"pysqlite", "psycopg2", "pg8000"}
+# Greedy up to the last "@": an unencoded "@" or "/" in a password must not leak its tail.
+_PASSWORD = re.compile(r"(://[^:/@]*:).*@")
+
+
+def mask_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``; works on strings that do not parse too."""
+    return _PASSWORD.sub(r"\1***@", url)
+
+
+def normalize_url(raw: str) -> URL:
+    """The async-driver URL for ``raw``; a plain ``sqlite:///`` / ``postgres(ql)://`` URL gets
+    aiosqlite / asyncpg, an explicit async driver is kept. Raises ``ConfigError`` naming the
+    (masked) URL when it cannot be used."""
+    shown = mask_url(raw.strip())
+    try:
+        url = make_url(raw.strip())
+    except (ArgumentError, ValueError):
+        raise ConfigError(f"database URL {shown!r} is not a valid URL (e.g. sqlite:///bot.db)") from None
+    backend, _, driver = url.drivername.partition("+")
+    backend = "postgresql" if backend == "postgres" else backend
+    if backend not in _ASYNC_DRIVERS:
+        raise ConfigError(
+            f"database URL {shown!r}: unsupported database {backend!r} (use sqlite or postgresql)"
+        )
+    if not driver or driver in _SYNC_DRIVERS:
+        driver = _ASYNC_DRIVERS[backend]
+    elif driver not in _KNOWN_ASYNC[backend]:
+        raise ConfigError(f"database URL {shown!r}: {driver!r} is not an async driver for {backend}")
+    url = url.set(drivername=f"{backend}+{driver}")
+    if backend == "sqlite":
+        return _sqlite_file(url, shown)
+    if driver == "asyncpg" and "sslmode" in url.query:
+        # libpq spells it sslmode; asyncpg takes the same values as ssl=.
+        url = url.difference_update_query(["sslmode"]).update_query_dict({"ssl": url.query["sslmode"]})
+    return url
+
+
+def _sqlite_file(url: URL, shown: str) -> URL:
+    database = url.database or ""
+    if database in ("", ":memory:") or url.query.get("mode") == "memory":
+        raise ConfigError(
+            f"database URL {shown!r}: an in-memory SQLite database would lose the history; "
+            "give a file, e.g. sqlite:///chatglm-bot.db"
+        )
+    if url.query.get("uri"):
+        return url  # a file: URI is the user's own business
+    path = Path(database).expanduser()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"database URL {shown!r}: cannot create {path.parent}: {exc.strerror}") from None
+    return url.set(database=str(path))
+
+
+def create_engine(url: URL) -> AsyncEngine:
+    """An async engine for a normalised URL; SQLite gets WAL, a busy timeout, foreign keys and
+    SQLAlchemy-controlled BEGIN (see ``SQLITE_IMMEDIATE``)."""
+    if url.get_backend_name() != "sqlite":
+        return create_async_engine(url, pool_pre_ping=True)
+    engine = create_async_engine(url)
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Stop the sqlite3 driver from issuing its own (deferred) BEGIN; _on_begin does it.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = NORMAL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        immediate = connection.get_execution_options().get(SQLITE_IMMEDIATE, False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine

@@ -1,0 +1,108 @@
+"""Database URL handling and the SQLite engine set-up (no database server needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import event, text
+
+from bot.config import ConfigError
+from storage.db import SQLITE_IMMEDIATE, create_engine, mask_url, normalize_url
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("postgresql://bot:pw@db.example:5432/chat", "postgresql+asyncpg://bot:pw@db.example:5432/chat"),
+        ("postgres://bot:pw@db.example/chat", "postgresql+asyncpg://bot:pw@db.example/chat"),
+        ("postgresql+psycopg2://bot@db.example/chat", "postgresql+asyncpg://bot@db.example/chat"),
+        ("postgresql+asyncpg://bot@db.example/chat", "postgresql+asyncpg://bot@db.example/chat"),
+        ("postgresql+psycopg://bot@db.example/chat", "postgresql+psycopg://bot@db.example/chat"),
+        ("  postgresql://bot@db.example/chat  ", "postgresql+asyncpg://bot@db.example/chat"),
+        (
+            "postgresql://bot@db.example/chat?sslmode=require",
+            "postgresql+asyncpg://bot@db.example/chat?ssl=require",
+        ),
+    ],
+)
+def test_postgres_urls_get_an_async_driver(raw: str, expected: str) -> None:
+    assert normalize_url(raw).render_as_string(hide_password=False) == expected
+
+
+@pytest.mark.parametrize("prefix", ["sqlite:///", "sqlite+aiosqlite:///", "sqlite+pysqlite:///"])
+def test_sqlite_urls_get_aiosqlite_and_a_parent_directory(tmp_path: Path, prefix: str) -> None:
+    path = tmp_path / "deep" / "er" / "bot.db"
+    url = normalize_url(f"{prefix}{path}")
+    assert url.drivername == "sqlite+aiosqlite"
+    assert url.database == str(path)
+    assert path.parent.is_dir()
+
+
+def test_an_uncreatable_sqlite_directory_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(ConfigError, match="cannot create"):
+        normalize_url(f"sqlite:///{tmp_path / 'file' / 'sub' / 'bot.db'}")
+
+
+@pytest.mark.parametrize("raw", ["sqlite://", "sqlite:///:memory:", "sqlite+aiosqlite://"])
+def test_in_memory_sqlite_is_refused(raw: str) -> None:
+    with pytest.raises(ConfigError, match="in-memory"):
+        normalize_url(raw)
+
+
+@pytest.mark.parametrize(
+    ("raw", "complaint"),
+    [
+        ("mysql://bot:hunter2@db.example/chat", "unsupported database 'mysql'"),
+        ("postgresql+mysqldb://bot:hunter2@db.example/chat", "not an async driver"),
+        ("postgresql://bot:hunter2@db.example:notaport/chat", "not a valid URL"),
+        ("definitely not a url, hunter2", "not a valid URL"),
+        ("", "not a valid URL"),
+    ],
+)
+def test_bad_urls_raise_one_line_without_the_password(raw: str, complaint: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        normalize_url(raw)
+    message = str(caught.value)
+    assert complaint in message
+    assert "\n" not in message
+    if "://bot:" in raw:
+        assert "hunter2" not in message
+        assert "bot:***@db.example" in message
+
+
+@pytest.mark.parametrize(
+    ("raw", "masked"),
+    [
+        ("postgresql://bot:pw@host/db", "postgresql://bot:***@host/db"),
+        ("postgresql://bot:p@ss/w0rd@host/db", "postgresql://bot:***@host/db"),
+        ("postgresql://bot@host/db", "postgresql://bot@host/db"),
+        ("sqlite:///bot.db", "sqlite:///bot.db"),
+    ],
+)
+def test_mask_url(raw: str, masked: str) -> None:
+    assert mask_url(raw) == masked
+
+
+async def test_sqlite_engine_pragmas_and_immediate_write_transactions(tmp_path: Path) -> None:
+    engine = create_engine(normalize_url(f"sqlite:///{tmp_path / 'bot.db'}"))
+    begins: list[str] = []
+
+    @event.listens_for(engine.sync_engine, "before_cursor_execute")
+    def _record(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        if statement.startswith("BEGIN"):
+            begins.append(statement)
+
+    try:
+        async with engine.connect() as connection:
+            assert (await connection.exec_driver_sql("PRAGMA journal_mode")).scalar() == "wal"
+            assert (await connection.exec_driver_sql("PRAGMA foreign_keys")).scalar() == 1
+            assert (await connection.exec_driver_sql("PRAGMA busy_timeout")).scalar() == 30_000
+        async with engine.begin() as connection:
+            await connection.execute(text("SELECT 1"))
+        async with engine.execution_options(**{SQLITE_IMMEDIATE: True}).begin() as connection:
+            await connection.execute(text("SELECT 1"))
+    finally:
+        await engine.dispose()
+    assert begins[-2:] == ["BEGIN", "BEGIN IMMEDIATE"]
