@@ -202,7 +202,7 @@ class StreamDecoder:
 
     def push(self, token_id: int) -> str:
         """Add one id; return the text it completes (often empty while bytes are pending)."""
-        tok = self._tok
+        tok, token_id = self._tok, int(token_id)
         self._window.append(tok.id_to_piece(token_id))
         byte = tok._byte_values.get(token_id)
         if byte is None:

@@ -14,6 +14,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 
@@ -155,17 +156,24 @@ void run(const Problem& p, const X* x, int64_t n, int64_t k, int8_t* q, float* s
   at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) corr[r] = quantize_row(x + r * k, k, p.kp, q + r * p.kp, sx + r * p.nb);
   });
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t tile = begin; tile < end; ++tile) {
-      // Token rows in blocks of kMaxTokens: each weight tile is unpacked once per block while it is hot in
-      // L1/L2, so a prefill reads the weights from memory once.
-      int64_t t0 = 0;
-      for (; t0 + kMaxTokens <= n; t0 += kMaxTokens) run_tile<kMaxTokens>(p, tile, t0, y);
-      switch (n - t0) {
-        case 3: run_tile<3>(p, tile, t0, y); break;
-        case 2: run_tile<2>(p, tile, t0, y); break;
-        case 1: run_tile<1>(p, tile, t0, y); break;
-        default: break;
+  // Threads take chunks of tiles from a shared counter rather than fixed ranges: on a machine shared with
+  // other work a descheduled thread would otherwise hold up the whole matmul until it runs again.
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunk = std::max<int64_t>(1, tiles / (threads * 16));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t begin; (begin = next.fetch_add(chunk)) < tiles;) {
+      for (int64_t tile = begin; tile < std::min(begin + chunk, tiles); ++tile) {
+        // Token rows in blocks of kMaxTokens: each weight tile is unpacked once per block while it is hot
+        // in L1/L2, so a prefill reads the weights from memory once.
+        int64_t t0 = 0;
+        for (; t0 + kMaxTokens <= n; t0 += kMaxTokens) run_tile<kMaxTokens>(p, tile, t0, y);
+        switch (n - t0) {
+          case 3: run_tile<3>(p, tile, t0, y); break;
+          case 2: run_tile<2>(p, tile, t0, y); break;
+          case 1: run_tile<1>(p, tile, t0, y); break;
+          default: break;
+        }
       }
     }
   });
