@@ -1,0 +1,40 @@
+"""Paths and expected values of the tiny ChatGLM2 golden fixture (see tests/fixtures/chatglm2/README.txt).
+
+Shared by the model tests: ``tiny_dir("fp32")`` / ``tiny_dir("int4")`` are checkpoint folders,
+``expected()`` is expected.json, and the real ChatGLM2-6B tokenizer (not in this repository) is
+looked up beside the checkout in ``../shared/fixtures/chatglm2/real-tokenizer/``.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+FIXTURE_DIR = REPO_ROOT / "tests" / "fixtures" / "chatglm2"
+REAL_TOKENIZER = REPO_ROOT.parent / "shared" / "fixtures" / "chatglm2" / "real-tokenizer" / "tokenizer.model"
+
+
+def tiny_dir(kind: Literal["fp32", "int4"]) -> Path:
+    return FIXTURE_DIR / f"chatglm2-tiny-{kind}"
+
+
+@cache
+def expected() -> dict[str, Any]:
+    return json.loads((FIXTURE_DIR / "expected.json").read_text(encoding="utf-8"))
+
+
+@cache
+def expected_real_tokenizer() -> dict[str, Any]:
+    return json.loads((FIXTURE_DIR / "expected_real_tokenizer.json").read_text(encoding="utf-8"))
+
+
+def real_tokenizer_path() -> Path:
+    """The real tokenizer.model, or skip the calling test with the reason."""
+    if not REAL_TOKENIZER.is_file():
+        pytest.skip(f"real ChatGLM2-6B tokenizer.model not found at {REAL_TOKENIZER}")
+    return REAL_TOKENIZER
