@@ -1,0 +1,288 @@
+"""The Discord adapter: discord.py's gateway client, translating only (no model, no SQL).
+
+Slash commands are deferred at once (Discord's 3-second limit) and answered through the
+interaction token; mentions and DMs get a reply message that is edited as the answer streams.
+Every answer runs in its own task, so the gateway (heartbeats, other events) never waits for
+the model, and an answer in flight survives a gateway reconnect: its replies go over REST.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Coroutine, Iterator
+from contextlib import ExitStack, contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+import aiohttp
+import discord
+import yarl
+from discord.gateway import DiscordWebSocket
+from discord.http import Route
+
+from adapters.discord_commands import asks_reset, build_tree, invite_url, may_reset, may_reset_by_message
+from adapters.discord_events import PLATFORM, addressed_to, from_interaction, from_message
+from adapters.discord_reply import NO_MENTIONS, DiscordReply, InteractionReply, MessageReply
+from bot.config import ConfigError, Settings
+from bot.events import Command, Handler, IncomingMessage, ReplyHandle
+
+log = logging.getLogger(__name__)
+
+# The bot never joins voice channels: skip discord.py's start-up warnings about voice libraries.
+discord.VoiceClient.warn_nacl = False
+discord.VoiceClient.warn_dave = False
+
+RESET_REFUSAL: Final = "Sorry, only members with the Manage Messages permission can reset this conversation."
+# An interaction token lasts 15 minutes; keep a margin so a recovered answer can still finish.
+INTERACTION_REPLY_WINDOW: Final = timedelta(minutes=12)
+
+
+@contextmanager
+def discord_endpoints(settings: Settings) -> Iterator[None]:
+    """Point discord.py at the configured REST API and gateway (it reads both from class
+    attributes, so they are process-wide), restoring the previous ones afterwards."""
+    previous = Route.BASE, DiscordWebSocket.DEFAULT_GATEWAY
+    Route.BASE = settings.discord_api_url.rstrip("/")
+    DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(settings.discord_gateway_url)
+    try:
+        yield
+    finally:
+        Route.BASE, DiscordWebSocket.DEFAULT_GATEWAY = previous
+
+
+class DiscordAdapter:
+    platform = PLATFORM
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        ready_timeout: float = 60.0,
+        drain_timeout: float = 10.0,
+        guild_ready_timeout: float = 2.0,
+    ) -> None:
+        """``ready_timeout``: how long start() waits for the gateway; ``drain_timeout``: how long
+        stop() lets answers in flight finish; ``guild_ready_timeout``: how long discord.py waits
+        for more servers' data before it reports ready."""
+        if settings.discord_bot_token is None:
+            raise ConfigError("DISCORD_BOT_TOKEN is not set")
+        self._settings = settings
+        self._token = settings.discord_bot_token.get_secret_value()
+        self._ready_timeout = ready_timeout
+        self._drain_timeout = drain_timeout
+        self._guild_ready_timeout = guild_ready_timeout
+        self._stopping = False
+        self._client: discord.Client | None = None
+        self._gateway: asyncio.Task[None] | None = None
+        self._handler: Handler | None = None
+        self._answers: set[asyncio.Task[None]] = set()
+        self._endpoints = ExitStack()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self, handler: Handler) -> None:
+        """Log in, connect the gateway in a background task and return once it is ready."""
+        if self._client is not None:
+            raise RuntimeError("the Discord adapter is already started")
+        self._handler = handler
+        self._endpoints.enter_context(discord_endpoints(self._settings))
+        client = self._client = self._new_client()
+        try:
+            await self._login(client)
+            self._gateway = asyncio.create_task(client.connect(reconnect=True), name="discord-gateway")
+            await self._wait_ready(client, self._gateway)
+        except BaseException:
+            await self.stop()
+            raise
+        self._gateway.add_done_callback(_log_gateway_end)
+        log.info("Discord: connected as %s (id %s)", client.user, client.user.id if client.user else "?")
+
+    async def stop(self) -> None:
+        """Take no new messages, give answers in flight ``drain_timeout`` seconds to finish, then
+        cancel the rest (the core notes that in their replies) and disconnect."""
+        self._stopping = True
+        if self._answers:
+            _, late = await asyncio.wait(self._answers, timeout=self._drain_timeout)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        if self._client is not None:
+            await self._client.close()
+        if self._gateway is not None:
+            self._gateway.cancel()
+            await asyncio.gather(self._gateway, return_exceptions=True)
+        self._client = self._gateway = None
+        self._endpoints.close()
+        self._stopping = False
+
+    def reply_for(self, message: IncomingMessage) -> ReplyHandle | None:
+        """A reply for a message recovered from storage, or None if it can no longer be given."""
+        client, raw = self._client, message.raw
+        if client is None or message.channel.platform != PLATFORM:
+            return None
+        try:
+            if raw.get("kind") == "message":
+                channel = client.get_partial_messageable(int(raw["channel_id"]))
+                return MessageReply(channel, int(raw["message_id"]))
+            if raw.get("kind") == "interaction":
+                issued = discord.utils.snowflake_time(int(message.event_id))
+                if datetime.now(UTC) - issued > INTERACTION_REPLY_WINDOW:
+                    return None  # the token has expired (or is about to)
+                webhook = _interaction_webhook(client, int(raw["application_id"]), str(raw["token"]))
+                return InteractionReply(webhook, ephemeral=bool(raw.get("ephemeral")))
+        except (KeyError, TypeError, ValueError):
+            log.warning("stored Discord event %s has an unreadable payload", message.event_id)
+        return None
+
+    # -- slash commands (called by the command tree) ------------------------------------------
+    async def ask(self, interaction: discord.Interaction[discord.Client], prompt: str) -> None:
+        await self._answer_command(interaction, Command.CHAT, prompt)
+
+    async def reset(self, interaction: discord.Interaction[discord.Client]) -> None:
+        if not may_reset(interaction, self._settings.discord_admin_ids):
+            await interaction.response.send_message(
+                RESET_REFUSAL, ephemeral=True, allowed_mentions=NO_MENTIONS
+            )
+            return
+        await self._answer_command(interaction, Command.RESET, "")
+
+    async def help(self, interaction: discord.Interaction[discord.Client]) -> None:
+        await self._answer_command(interaction, Command.HELP, "")
+
+    async def _answer_command(
+        self, interaction: discord.Interaction[discord.Client], command: Command, text: str
+    ) -> None:
+        if self._stopping:
+            return  # Discord tells the user the application did not respond
+        ephemeral = command is Command.HELP
+        await interaction.response.defer(thinking=True, ephemeral=ephemeral)
+        message = from_interaction(interaction, command, text)
+        self._spawn(message, InteractionReply(interaction.followup, ephemeral=ephemeral))
+
+    # -- mentions and DMs ------------------------------------------------------------------
+    async def _on_message(self, message: discord.Message) -> None:
+        client = self._client
+        me = client.user if client is not None else None
+        if self._stopping or client is None or me is None or not addressed_to(message, me):
+            return
+        incoming = from_message(message, me)
+        reply = MessageReply(client.get_partial_messageable(message.channel.id), message.id)
+        if asks_reset(incoming.text) and not may_reset_by_message(message, self._settings.discord_admin_ids):
+            self._spawn_task(reply.finish(RESET_REFUSAL), f"discord-refusal-{message.id}")
+            return
+        self._spawn(incoming, reply)
+
+    # -- internals -------------------------------------------------------------------------
+    def _new_client(self) -> discord.Client:
+        intents = discord.Intents.none()
+        intents.guilds = True
+        intents.guild_messages = True
+        intents.dm_messages = True
+        intents.message_content = self._settings.discord_message_content
+        client = discord.Client(
+            intents=intents, allowed_mentions=NO_MENTIONS, guild_ready_timeout=self._guild_ready_timeout
+        )
+        build_tree(client, self)
+
+        async def on_message(message: discord.Message) -> None:
+            await self._on_message(message)
+
+        client.event(on_message)
+        return client
+
+    async def _login(self, client: discord.Client) -> None:
+        try:
+            await client.login(self._token)
+        except discord.LoginFailure:
+            raise ConfigError("Discord rejected DISCORD_BOT_TOKEN; copy the bot token again") from None
+        except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
+            raise ConfigError(f"cannot log in to Discord at {Route.BASE}: {exc}") from None
+
+    async def _wait_ready(self, client: discord.Client, gateway: asyncio.Task[None]) -> None:
+        ready = asyncio.ensure_future(client.wait_until_ready())
+        done, _ = await asyncio.wait(
+            {ready, gateway}, timeout=self._ready_timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        if ready in done:
+            return
+        ready.cancel()
+        error = gateway.exception() if gateway in done else None
+        if isinstance(error, discord.PrivilegedIntentsRequired):
+            raise ConfigError(
+                "Discord refused the message content intent: enable it for the bot in the developer "
+                "portal, or set BOT_DISCORD_MESSAGE_CONTENT=false"
+            )
+        reason = f": {error}" if error else f" within {self._ready_timeout:g} s"
+        raise ConfigError(f"cannot connect to the Discord gateway {DiscordWebSocket.DEFAULT_GATEWAY}{reason}")
+
+    def _spawn(self, message: IncomingMessage, reply: DiscordReply) -> None:
+        self._spawn_task(self._deliver(message, reply), f"discord-{message.event_id}")
+
+    def _spawn_task(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(work, name=name)
+        self._answers.add(task)
+        task.add_done_callback(self._answer_done)
+
+    async def _deliver(self, message: IncomingMessage, reply: DiscordReply) -> None:
+        assert self._handler is not None
+        outcome = await self._handler(message, reply)
+        if not reply.ended:
+            # Ignored or a duplicate: don't leave "thinking…" (or a placeholder) up forever.
+            log.debug("Discord event %s: %s, withdrawing the reply", message.event_id, outcome)
+            await reply.withdraw()
+
+    def _answer_done(self, task: asyncio.Task[None]) -> None:
+        self._answers.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("Discord answer %s failed", task.get_name(), exc_info=task.exception())
+
+    # -- command registration (chatglm-bot discord-sync) ----------------------------------------
+    async def sync(self, guild_id: int | None) -> tuple[int, list[str]]:
+        """Register the slash commands with Discord: (application id, command names)."""
+        with discord_endpoints(self._settings):
+            client = discord.Client(intents=discord.Intents.none())
+            tree = build_tree(client, self)
+            async with client:
+                await self._login(client)
+                guild = discord.Object(guild_id) if guild_id is not None else None
+                if guild is not None:
+                    tree.copy_global_to(guild=guild)
+                synced = await tree.sync(guild=guild)
+                assert client.application_id is not None  # set by login
+                return client.application_id, sorted(command.name for command in synced)
+
+
+def _interaction_webhook(client: discord.Client, application_id: int, token: str) -> discord.Webhook:
+    """The follow-up webhook of an interaction, as ``Interaction.followup`` builds it."""
+    data: Any = {"id": application_id, "type": 3, "token": token}
+    return discord.Webhook.from_state(data, client._connection)
+
+
+def _log_gateway_end(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("Discord gateway connection ended: %s", task.exception())
+
+
+def configure_sync_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--guild",
+        type=int,
+        metavar="ID",
+        help="register in this server only (instant); without it, globally (takes up to an hour)",
+    )
+
+
+def run_sync(args: argparse.Namespace, settings: Settings) -> int:
+    """``chatglm-bot discord-sync``: register the slash commands and print the invite link."""
+    adapter = DiscordAdapter(settings)
+    try:
+        application_id, names = asyncio.run(adapter.sync(args.guild))
+    except discord.HTTPException as exc:
+        print(f"error: Discord refused the command registration: {exc}", file=sys.stderr)
+        return 1
+    where = f"in server {args.guild} (available now)" if args.guild else "globally (may take up to an hour)"
+    print(f"Registered {', '.join('/' + name for name in names)} {where}.")
+    print(f"Invite link: {invite_url(application_id)}")
+    return 0

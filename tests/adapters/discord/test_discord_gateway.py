@@ -1,0 +1,156 @@
+"""Connection life: start-up errors, intents, heartbeats, reconnects and answering after a restart."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import discord
+import pytest
+
+from adapters.discord_adapter import DiscordAdapter
+from bot.config import ConfigError
+from bot.events import ChannelRef, IncomingMessage, Outcome, ReplyHandle, message_to_dict
+from tests.adapters.discord.conftest import discord_settings
+from tests.adapters.discord.fake_discord import BOT_ID, MESSAGE_CONTENT_INTENT, FakeDiscord
+from tests.support import ScriptedGenerator, bot_stack
+
+WORDS = " ".join(f"word{i}" for i in range(50))
+GUILDS, GUILD_MESSAGES, DM_MESSAGES = 1 << 0, 1 << 9, 1 << 12
+
+
+async def test_a_reconnect_request_mid_generation_resumes_and_the_answer_completes(
+    fake: FakeDiscord, running
+) -> None:
+    channel, other = fake.add_channel(), fake.add_channel()
+    generator = ScriptedGenerator(lambda request: f"{request.query}: {WORDS}", token_delay=0.01)
+    async with running(generator):
+        slow = await fake.slash_command("ask", channel, options={"prompt": "slow"})
+        await fake.wait_for(lambda: slow.token in fake.originals and fake.originals[slow.token].edits)
+        await fake.request_reconnect()
+        # Sent while the client is reconnecting: delivered once, live or replayed on RESUME.
+        during = await fake.slash_command("ask", other, options={"prompt": "during"})
+        await fake.wait_for(lambda: fake.resumes)
+        await fake.wait_for(lambda: fake.answer_text(slow.token) == f"slow: {WORDS}")
+        await fake.wait_for(lambda: fake.answer_text(during.token) == f"during: {WORDS}")
+        after = await fake.slash_command("ask", other, options={"prompt": "after"})
+        await fake.wait_for(lambda: fake.answer_text(after.token) == f"after: {WORDS}")
+
+    assert len(fake.identifies) == 1  # resumed, not a new session
+    assert fake.resumes[0]["session_id"] == fake.session_id
+    assert [request.query for request in generator.requests] == ["slow", "during", "after"]
+    assert len([call for call in fake.calls if call.path.endswith("/callback")]) == 3
+
+
+async def test_heartbeats_keep_flowing_while_the_model_generates(fake: FakeDiscord, running) -> None:
+    fake.heartbeat_interval_ms = 50
+    channel = fake.add_channel()
+    generator = ScriptedGenerator(lambda request: WORDS, token_delay=0.02)  # about one second
+    async with running(generator):
+        interaction = await fake.slash_command("ask", channel, options={"prompt": "beat"})
+        await fake.wait_for(
+            lambda: interaction.token in fake.originals and fake.originals[interaction.token].edits
+        )
+        before = fake.heartbeats
+        await fake.wait_for(lambda: fake.answer_text(interaction.token) == WORDS)
+        during = fake.heartbeats - before
+    assert during >= 3, f"only {during} heartbeats during generation"
+
+
+@pytest.mark.parametrize("message_content", [False, True])
+async def test_intents_ask_for_message_content_only_when_configured(
+    fake: FakeDiscord, running, message_content: bool
+) -> None:
+    async with running(discord_message_content=message_content):
+        pass
+    [identify] = fake.identifies
+    intents = identify["intents"]
+    assert intents & (GUILDS | GUILD_MESSAGES | DM_MESSAGES) == GUILDS | GUILD_MESSAGES | DM_MESSAGES
+    assert bool(intents & MESSAGE_CONTENT_INTENT) is message_content
+
+
+async def test_a_refused_privileged_intent_is_a_clear_start_error(fake: FakeDiscord, running) -> None:
+    fake.message_content_allowed = False
+    with pytest.raises(ConfigError, match="message content intent"):
+        async with running(discord_message_content=True):
+            pass
+
+
+async def test_a_rejected_token_is_a_clear_start_error_without_the_token(fake: FakeDiscord, running) -> None:
+    fake.token = "the-real-token"
+    with pytest.raises(ConfigError, match="rejected DISCORD_BOT_TOKEN") as error:
+        async with running():
+            pass
+    assert "test-bot-token" not in str(error.value)
+    assert fake.identifies == []
+
+
+async def test_an_unreachable_gateway_is_a_clear_start_error(fake: FakeDiscord, tmp_path: Path) -> None:
+    settings = discord_settings(fake, discord_gateway_url=f"ws://127.0.0.1:{fake.port}/nowhere")
+    async with bot_stack(tmp_path, **settings) as stack:
+        adapter = DiscordAdapter(stack.settings, ready_timeout=1)
+        with pytest.raises(ConfigError, match="cannot connect to the Discord gateway") as error:
+            await adapter.start(stack.bot.handle)
+        assert "/nowhere" in str(error.value)
+
+
+async def test_unanswered_messages_are_answered_after_a_restart(fake: FakeDiscord, tmp_path: Path) -> None:
+    """A process that claimed a mention and a command, then died, leaves both to the next one."""
+    channel, other = fake.add_channel(), fake.add_channel()
+    settings = discord_settings(fake)
+    claimed: list[IncomingMessage] = []
+
+    async with bot_stack(tmp_path, **settings) as first:
+
+        async def dies_mid_answer(message: IncomingMessage, reply: ReplyHandle) -> Outcome:
+            await first.storage.claim_event("discord", message.event_id, message_to_dict(message))
+            claimed.append(message)
+            await asyncio.Event().wait()  # the process is killed while answering
+            raise AssertionError("unreachable")
+
+        adapter = DiscordAdapter(first.settings, drain_timeout=0, guild_ready_timeout=0.05)
+        await adapter.start(dies_mid_answer)
+        try:
+            interaction = await fake.slash_command("ask", channel, options={"prompt": "before the crash"})
+            mention = await fake.user_message(other, f"<@{BOT_ID}> also before", mentions=(BOT_ID,))
+            await fake.wait_for(lambda: len(claimed) == 2)
+        finally:
+            await adapter.stop()
+
+    async with bot_stack(tmp_path, **settings) as second:
+        adapter = DiscordAdapter(second.settings, guild_ready_timeout=0.05)
+        await adapter.start(second.bot.handle)
+        try:
+            assert await second.bot.recover({"discord": adapter}) == 2
+            await fake.wait_for(
+                lambda: fake.answer_text(interaction.token) == "Answer 1 to: before the crash"
+            )
+            await fake.wait_for(
+                lambda: [r.content for r in fake.replies_to(mention)] == ["Answer 1 to: also before"]
+            )
+        finally:
+            await adapter.stop()
+
+
+async def test_an_expired_interaction_cannot_be_answered_after_a_restart(fake: FakeDiscord, running) -> None:
+    issued = datetime.now(UTC) - timedelta(minutes=16)
+    message = IncomingMessage(
+        event_id=str(discord.utils.time_snowflake(issued)),
+        channel=ChannelRef("discord", "1"),
+        author_id="1001",
+        author_name="user",
+        text="too late",
+        raw={"kind": "interaction", "application_id": "1", "token": "expired"},
+    )
+    unreadable = IncomingMessage(
+        event_id="1",
+        channel=ChannelRef("discord", "1"),
+        author_id="1",
+        author_name="u",
+        text="x",
+        raw={"kind": "message", "channel_id": "not a number"},
+    )
+    async with running() as (adapter, _):
+        assert adapter.reply_for(message) is None
+        assert adapter.reply_for(unreadable) is None
