@@ -1,0 +1,259 @@
+"""The Slack adapter: slack-bolt's AsyncApp over the HTTP Events API or Socket Mode.
+
+It translates only. Each event is acknowledged at once (bolt acks events before listeners run);
+the listener starts a background task that resolves user names, builds the neutral message and
+awaits the core's handler, which streams into a ``SlackReply``. Slack's ``event_id`` becomes the
+message's ``event_id``: the core records it, so a retry (``x-slack-retry-num``, in either mode),
+even one arriving after a restart, is never answered twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine, Mapping
+from typing import Any
+
+from aiohttp import web
+from slack_bolt.adapter.aiohttp import to_aiohttp_response
+from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
+from slack_bolt.app.async_app import AsyncApp
+from slack_bolt.request.async_request import AsyncBoltRequest
+from slack_sdk.http_retry.builtin_async_handlers import (
+    AsyncConnectionErrorRetryHandler,
+    AsyncRateLimitErrorRetryHandler,
+)
+from slack_sdk.web.async_client import AsyncWebClient
+
+from adapters.slack_events import (
+    PLATFORM,
+    command_message,
+    mentioned_users,
+    parse_command,
+    to_message,
+)
+from adapters.slack_reply import (
+    Respond,
+    SlackEphemeralReply,
+    SlackReply,
+    call_slack,
+    escape,
+)
+from bot.config import ConfigError, Settings
+from bot.events import Command, Handler, IncomingMessage, ReplyHandle
+
+log = logging.getLogger(__name__)
+
+EVENTS_PATH = "/slack/events"
+SLASH_COMMAND = "/chatglm"
+CONNECT_TIMEOUT_S = 30.0
+STOP_GRACE_S = 2.0
+MAX_CACHED_NAMES = 10_000
+NOT_IN_CHANNEL = "I can't post in this channel. Invite me first (`/invite @ChatGLM`), then try again."
+
+
+class SlackAdapter:
+    platform = PLATFORM
+
+    def __init__(
+        self,
+        settings: Settings,
+        http_app: web.Application | None,
+        *,
+        min_edit_interval: float = 1.0,
+    ) -> None:
+        if settings.slack_bot_token is None:
+            raise ConfigError("SLACK_BOT_TOKEN is required for the Slack adapter")
+        self._app_token = settings.slack_app_token
+        self._socket_mode = self._app_token is not None
+        if not self._socket_mode and settings.slack_signing_secret is None:
+            raise ConfigError("SLACK_SIGNING_SECRET is required in HTTP mode (or set SLACK_APP_TOKEN)")
+        if not self._socket_mode and http_app is None:
+            raise ConfigError("the Slack HTTP mode needs the bot's HTTP server")
+        self._settings = settings
+        self._min_edit_interval = min_edit_interval
+        self._client = AsyncWebClient(
+            token=settings.slack_bot_token.get_secret_value(),
+            base_url=_with_slash(settings.slack_api_url),
+            retry_handlers=[
+                AsyncConnectionErrorRetryHandler(),
+                AsyncRateLimitErrorRetryHandler(max_retry_count=3),
+            ],
+        )
+        secret = settings.slack_signing_secret
+        self._app = AsyncApp(
+            client=self._client,
+            # Socket Mode envelopes are not signed; bolt skips verification for them.
+            signing_secret=secret.get_secret_value() if secret else "",
+            name="chatglm-bot",
+        )
+        self._app.event("app_mention")(self._on_event)
+        self._app.event("message")(self._on_event)
+        self._app.command(SLASH_COMMAND)(self._on_command)
+        self._handler: Handler | None = None
+        self._bot_user_id = ""
+        self._names: dict[str, str] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._socket: AsyncSocketModeHandler | None = None
+        if not self._socket_mode and http_app is not None:
+            http_app.router.add_post(EVENTS_PATH, self._on_http)
+
+    async def start(self, handler: Handler) -> None:
+        response = await call_slack("auth.test", self._client.auth_test())
+        if response is None or not response.get("user_id"):
+            raise ConfigError("Slack rejected SLACK_BOT_TOKEN (auth.test failed; see the log)")
+        self._bot_user_id = str(response["user_id"])
+        if self._app_token is not None:
+            await self._connect_socket(self._app_token.get_secret_value())
+        self._handler = handler
+        log.info("Slack adapter running (%s) as %s", self.mode, self._bot_user_id)
+
+    @property
+    def mode(self) -> str:
+        return "socket mode" if self._socket_mode else f"HTTP {EVENTS_PATH}"
+
+    async def stop(self) -> None:
+        self._handler = None
+        if self._socket is not None:
+            await self._socket.close_async()  # type: ignore[no-untyped-call]
+            self._socket = None
+        # Answers about to complete (a last Slack call in flight) get a moment; the rest are
+        # cancelled, and the core tells their threads so.
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=STOP_GRACE_S)
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def reply_for(self, message: IncomingMessage) -> ReplyHandle | None:
+        channel = message.raw.get("channel")
+        if not isinstance(channel, str) or message.raw.get("ephemeral"):
+            return None  # a slash command's response_url is short-lived and never stored
+        thread_ts = message.raw.get("thread_ts")
+        return self._reply(channel, thread_ts if isinstance(thread_ts, str) else None)
+
+    # --- connection -----------------------------------------------------------------------
+
+    async def _connect_socket(self, app_token: str) -> None:
+        # Open the first connection URL here: the SDK's own connect() retries forever, which
+        # would hide a wrong SLACK_APP_TOKEN behind an endless retry loop.
+        opened = await call_slack(
+            "apps.connections.open", self._client.apps_connections_open(app_token=app_token)
+        )
+        if opened is None or not opened.get("url"):
+            raise ConfigError("Slack rejected SLACK_APP_TOKEN (apps.connections.open failed; see the log)")
+        self._socket = AsyncSocketModeHandler(self._app, app_token)
+        self._socket.client.wss_uri = str(opened["url"])
+        try:
+            await asyncio.wait_for(self._socket.connect_async(), CONNECT_TIMEOUT_S)  # type: ignore[no-untyped-call]
+        except TimeoutError:
+            await self._socket.close_async()  # type: ignore[no-untyped-call]
+            self._socket = None
+            raise ConnectionError("could not open the Slack Socket Mode websocket") from None
+
+    async def _on_http(self, request: web.Request) -> web.StreamResponse:
+        if self._handler is None:
+            return web.Response(status=503, text="starting")  # Slack retries later
+        try:
+            body = (await request.read()).decode("utf-8")
+            bolt_request = AsyncBoltRequest(
+                body=body,
+                query=request.query_string,
+                headers={key: request.headers.getall(key) for key in request.headers},
+            )
+        except (UnicodeDecodeError, ValueError) as error:
+            return web.Response(status=400, text=f"malformed request: {type(error).__name__}")
+        # Signature and timestamp are verified by bolt's middleware: 401, no listener runs.
+        return await to_aiohttp_response(await self._app.async_dispatch(bolt_request))
+
+    # --- listeners (the ack path: nothing slow here) -----------------------------------------
+
+    async def _on_event(self, body: dict[str, Any]) -> None:
+        self._spawn(self._deliver_event(body))
+
+    async def _on_command(self, ack: Any, body: dict[str, Any], respond: Respond) -> None:
+        await ack()
+        self._spawn(self._deliver_command(body, respond))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- background delivery -------------------------------------------------------------------
+
+    async def _deliver_event(self, body: Mapping[str, Any]) -> None:
+        follow = self._settings.slack_thread_followups
+        if to_message(body, self._bot_user_id, {}, thread_followups=follow) is None:
+            return
+        event = body["event"]
+        names = await self._names_for({event["user"], *mentioned_users(event["text"])} - {self._bot_user_id})
+        message = to_message(body, self._bot_user_id, names, thread_followups=follow)
+        if message is not None:
+            channel, thread_ts = message.raw["channel"], message.raw["thread_ts"]
+            await self._handle(message, self._reply(channel, thread_ts))
+
+    async def _deliver_command(self, body: Mapping[str, Any], respond: Respond) -> None:
+        command, prompt = parse_command(str(body.get("text") or ""))
+        user, channel = body.get("user_id"), body.get("channel_id")
+        if not isinstance(user, str) or not isinstance(channel, str):
+            return
+        names = await self._names_for({user, *mentioned_users(prompt)})
+        if command != Command.CHAT:
+            message = command_message(body, command, command.value, None, names)
+            if message is not None:
+                await self._handle(message, SlackEphemeralReply(respond))
+            return
+        # A slash command is invisible to others: quote it, and answer in the quote's thread
+        # (at the top level of a DM, whose single conversation it joins).
+        quote = f"<@{user}> asked: {escape(prompt)}"
+        posting = self._client.chat_postMessage(channel=channel, text=quote, unfurl_links=False)
+        posted = await call_slack("chat.postMessage", posting)
+        if posted is None:
+            await SlackEphemeralReply(respond).fail(NOT_IN_CHANNEL)
+            return
+        thread_ts = None if channel.startswith("D") else str(posted["ts"])
+        message = command_message(body, command, prompt, thread_ts, names)
+        if message is not None:
+            await self._handle(message, self._reply(channel, thread_ts))
+
+    async def _handle(self, message: IncomingMessage, reply: ReplyHandle) -> None:
+        handler = self._handler
+        if handler is None:
+            return
+        try:
+            await handler(message, reply)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("handling Slack event %s failed", message.event_id)
+            await reply.fail("Something went wrong; please try again.")
+
+    async def _names_for(self, user_ids: set[str]) -> dict[str, str]:
+        """Display names, cached; an id stays an id if ``users.info`` fails (e.g. no users:read)."""
+        if len(self._names) > MAX_CACHED_NAMES:
+            self._names.clear()
+        for user_id in user_ids - self._names.keys():
+            info = await call_slack("users.info", self._client.users_info(user=user_id))
+            self._names[user_id] = _display_name(info.get("user") if info is not None else None) or user_id
+        return {user_id: self._names[user_id] for user_id in user_ids}
+
+    def _reply(self, channel: str, thread_ts: str | None) -> SlackReply:
+        return SlackReply(self._client, channel, thread_ts, min_edit_interval=self._min_edit_interval)
+
+
+def _display_name(user: object) -> str | None:
+    if not isinstance(user, Mapping):
+        return None
+    profile = user.get("profile")
+    profile = profile if isinstance(profile, Mapping) else {}
+    for name in (profile.get("display_name"), profile.get("real_name"), user.get("name")):
+        if isinstance(name, str) and name.strip():
+            return name.strip()
+    return None
+
+
+def _with_slash(url: str) -> str:
+    # slack_sdk joins method names onto the base URL: ".../api" + "chat.update" would be wrong.
+    return url if url.endswith("/") else url + "/"

@@ -1,0 +1,282 @@
+"""A fake Slack on 127.0.0.1: the Web API methods the adapter uses, a Socket Mode websocket and
+a response_url endpoint, as one aiohttp app that records every call.
+
+It keeps the messages it was asked to post and edit, so a test can read a thread the way a
+user would see it. Tests wait on conditions (``wait_for``), never on sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import itertools
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+BOT_TOKEN = "xoxb-test-token"
+APP_TOKEN = "xapp-test-token"
+SIGNING_SECRET = "test-signing-secret"
+BOT_USER_ID = "UBOT"
+TEAM_ID = "T1"
+
+
+@dataclass
+class Call:
+    method: str
+    params: dict[str, Any]
+    token: str | None
+    at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Message:
+    channel: str
+    ts: str
+    thread_ts: str | None
+    text: str
+    edits: list[str] = field(default_factory=list)  # every text it has shown, in order
+
+
+class FakeSlack:
+    def __init__(self) -> None:
+        self.calls: list[Call] = []
+        self.messages: dict[tuple[str, str], Message] = {}
+        self.responses: list[dict[str, Any]] = []  # what slash commands sent to response_url
+        self.acks: dict[str, float] = {}  # Socket Mode envelope_id -> when its ack arrived
+        self.acks_payload: dict[str, Any] = {}
+        # method -> queued (status, body, headers) answers that replace the normal one
+        self.failures: dict[str, list[tuple[int, dict[str, Any], dict[str, str]]]] = {}
+        self.socket: web.WebSocketResponse | None = None
+        self._ts = itertools.count(1)
+        self._changed = asyncio.Condition()
+        self._runner: web.AppRunner | None = None
+        self.base_url = ""
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> FakeSlack:
+        app = web.Application()
+        app.router.add_route("*", "/api/{method}", self._api)
+        app.router.add_get("/socket", self._websocket)
+        app.router.add_post("/respond/{id}", self._respond)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.base_url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def close(self) -> None:
+        if self.socket is not None:
+            await self.socket.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    @property
+    def api_url(self) -> str:
+        return self.base_url + "/api/"
+
+    # --- what tests read --------------------------------------------------------------------
+
+    def calls_to(self, method: str) -> list[Call]:
+        return [call for call in self.calls if call.method == method]
+
+    @property
+    def writes(self) -> list[Call]:
+        """Calls that change what users see (everything but lookups)."""
+        return [
+            c for c in self.calls if c.method in ("chat.postMessage", "chat.update", "chat.postEphemeral")
+        ]
+
+    def thread(self, channel: str, thread_ts: str | None) -> list[Message]:
+        """The bot's messages in a thread (or at a channel's top level for None), oldest first."""
+        found = [m for m in self.messages.values() if m.channel == channel and m.thread_ts == thread_ts]
+        return sorted(found, key=lambda m: float(m.ts))
+
+    def thread_text(self, channel: str, thread_ts: str | None) -> list[str]:
+        return [m.text for m in self.thread(channel, thread_ts)]
+
+    async def wait_for(self, predicate: Callable[[], bool], deadline_s: float = 10.0) -> None:
+        async with asyncio.timeout(deadline_s), self._changed:
+            await self._changed.wait_for(predicate)
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    # --- Socket Mode ----------------------------------------------------------------------
+
+    async def send_envelope(
+        self, payload: dict[str, Any], *, kind: str = "events_api", retry_attempt: int = 0
+    ) -> tuple[str, float]:
+        """Send one envelope over the websocket; returns (envelope_id, when it was sent)."""
+        await self.wait_for(lambda: self.socket is not None)
+        assert self.socket is not None
+        envelope_id = str(uuid.uuid4())
+        envelope = {
+            "envelope_id": envelope_id,
+            "type": kind,
+            "payload": payload,
+            "accepts_response_payload": kind != "events_api",
+            "retry_attempt": retry_attempt,
+            "retry_reason": "timeout" if retry_attempt else "",
+        }
+        sent = time.monotonic()
+        await self.socket.send_str(json.dumps(envelope))
+        return envelope_id, sent
+
+    async def wait_ack(self, envelope_id: str, deadline_s: float = 10.0) -> float:
+        await self.wait_for(lambda: envelope_id in self.acks, deadline_s)
+        return self.acks[envelope_id]
+
+    async def _websocket(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(autoping=True)
+        await ws.prepare(request)
+        self.socket = ws
+        await ws.send_str(json.dumps({"type": "hello", "num_connections": 1}))
+        await self._notify()
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                data = json.loads(msg.data)
+                if "envelope_id" in data:
+                    self.acks[data["envelope_id"]] = time.monotonic()
+                    self.acks_payload[data["envelope_id"]] = data.get("payload")
+                    await self._notify()
+        if self.socket is ws:
+            self.socket = None
+        return ws
+
+    # --- Web API ------------------------------------------------------------------------------
+
+    async def _api(self, request: web.Request) -> web.Response:
+        method = request.match_info["method"]
+        params: dict[str, Any] = dict(request.query)
+        if request.can_read_body:
+            if request.content_type == "application/json":
+                params.update(await request.json())
+            else:
+                params.update(await request.post())
+        auth = request.headers.get("Authorization", "")
+        token = auth.removeprefix("Bearer ") if auth else params.pop("token", None)
+        self.calls.append(Call(method, params, token))
+        try:
+            if self.failures.get(method):
+                status, body, headers = self.failures[method].pop(0)
+                return web.json_response(body, status=status, headers=headers)
+            return web.json_response(self._answer(method, params, token))
+        finally:
+            await self._notify()
+
+    def _answer(self, method: str, params: dict[str, Any], token: str | None) -> dict[str, Any]:
+        if method == "apps.connections.open":
+            if token != APP_TOKEN:
+                return {"ok": False, "error": "invalid_auth"}
+            return {"ok": True, "url": self.base_url.replace("http", "ws", 1) + "/socket"}
+        if token != BOT_TOKEN:
+            return {"ok": False, "error": "invalid_auth"}
+        if method == "auth.test":
+            return {"ok": True, "user_id": BOT_USER_ID, "bot_id": "B1", "team_id": TEAM_ID, "user": "chatglm"}
+        if method == "users.info":
+            user = params["user"]
+            return {
+                "ok": True,
+                "user": {"id": user, "name": user.lower(), "profile": {"display_name": f"{user}-name"}},
+            }
+        if method == "chat.postMessage":
+            ts = f"{1_700_000_000 + next(self._ts)}.000100"
+            channel, text = params["channel"], params["text"]
+            self.messages[(channel, ts)] = Message(channel, ts, params.get("thread_ts"), text, [text])
+            return {"ok": True, "channel": channel, "ts": ts, "message": {"text": text, "ts": ts}}
+        if method == "chat.update":
+            message = self.messages.get((params["channel"], params["ts"]))
+            if message is None:
+                return {"ok": False, "error": "message_not_found"}
+            message.text = params["text"]
+            message.edits.append(params["text"])
+            return {"ok": True, "channel": message.channel, "ts": message.ts, "text": message.text}
+        return {"ok": False, "error": "unknown_method"}
+
+    async def _respond(self, request: web.Request) -> web.Response:
+        self.responses.append(await request.json())
+        await self._notify()
+        return web.Response(text="ok")
+
+
+# --- payload builders ----------------------------------------------------------------------
+
+_event_ids = itertools.count(1)
+_ts = itertools.count(1)
+
+
+def new_ts() -> str:
+    return f"{1_600_000_000 + next(_ts)}.000200"
+
+
+def event_body(event: dict[str, Any], event_id: str | None = None) -> dict[str, Any]:
+    return {
+        "token": "legacy-verification-token",
+        "team_id": TEAM_ID,
+        "api_app_id": "A1",
+        "event": event,
+        "type": "event_callback",
+        "event_id": event_id or f"Ev{next(_event_ids):08d}",
+        "event_time": int(time.time()),
+        "authorizations": [{"team_id": TEAM_ID, "user_id": BOT_USER_ID, "is_bot": True}],
+    }
+
+
+def mention(
+    text: str, *, channel: str = "C1", user: str = "U1", ts: str | None = None, thread_ts: str | None = None
+) -> dict[str, Any]:
+    event: dict[str, Any] = {
+        "type": "app_mention",
+        "user": user,
+        "text": f"<@{BOT_USER_ID}> {text}",
+        "ts": ts or new_ts(),
+        "channel": channel,
+        "event_ts": ts,
+    }
+    if thread_ts:
+        event["thread_ts"] = thread_ts
+    return event
+
+
+def message(
+    text: str,
+    *,
+    channel: str = "C1",
+    user: str = "U1",
+    channel_type: str = "channel",
+    thread_ts: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    event: dict[str, Any] = {
+        "type": "message",
+        "user": user,
+        "text": text,
+        "ts": new_ts(),
+        "channel": channel,
+        "channel_type": channel_type,
+        **extra,
+    }
+    if thread_ts:
+        event["thread_ts"] = thread_ts
+    return event
+
+
+def sign(body: str, *, secret: str = SIGNING_SECRET, timestamp: int | None = None) -> dict[str, str]:
+    ts = str(int(time.time()) if timestamp is None else timestamp)
+    digest = hmac.new(secret.encode(), f"v0:{ts}:{body}".encode(), hashlib.sha256).hexdigest()
+    return {
+        "X-Slack-Request-Timestamp": ts,
+        "X-Slack-Signature": f"v0={digest}",
+        "Content-Type": "application/json",
+    }
