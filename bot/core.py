@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 from bot import metrics
@@ -45,6 +45,13 @@ EMPTY_ANSWER_TEXT = "(The model produced no answer.)"
 # Turns loaded from storage before trimming to the token budget: far more than ever fit in the
 # context, so the budget (not this number) decides.
 MAX_HISTORY_TURNS = 500
+
+
+@dataclass
+class _Progress:
+    """Whether the event's final status is stored; after that a cancellation changes nothing."""
+
+    settled: bool = False
 
 
 class _ChannelLocks:
@@ -131,34 +138,36 @@ class Bot:
             if claim is ClaimResult.DUPLICATE:
                 log.info("duplicate %s event %s dropped", platform, event_id)
                 return Outcome.DUPLICATE
+            progress = _Progress()
             try:
-                outcome = await self._answer(message, reply)
+                return await self._answer(message, reply, progress)
             except asyncio.CancelledError:
-                await self._storage.mark_event(platform, event_id, EventStatus.FAILED)
-                await self._safe_fail(reply, "The answer was cancelled.")
+                if not progress.settled:  # an answer already stored stays answered
+                    await self._storage.mark_event(platform, event_id, EventStatus.FAILED)
+                    await self._safe_fail(reply, "The answer was cancelled.")
                 raise
             except Exception:
-                await self._storage.mark_event(platform, event_id, EventStatus.FAILED)
+                if not progress.settled:
+                    await self._storage.mark_event(platform, event_id, EventStatus.FAILED)
                 raise
-            return outcome
 
-    async def _answer(self, message: IncomingMessage, reply: ReplyHandle) -> Outcome:
+    async def _answer(self, message: IncomingMessage, reply: ReplyHandle, progress: _Progress) -> Outcome:
         channel, text = message.channel, message.text
         command = message.command or _parse_command(text)
         if command is Command.CHAT and not text:
-            return await self._reply_text(message, reply, EMPTY_TEXT, Outcome.REJECTED)
+            return await self._reply_text(message, reply, EMPTY_TEXT, Outcome.REJECTED, progress)
         if command is Command.HELP:
-            return await self._reply_text(message, reply, HELP_TEXT, Outcome.COMMAND)
+            return await self._reply_text(message, reply, HELP_TEXT, Outcome.COMMAND, progress)
         if command is Command.RESET:
             await self._storage.clear(channel)
-            return await self._reply_text(message, reply, RESET_TEXT, Outcome.COMMAND)
+            return await self._reply_text(message, reply, RESET_TEXT, Outcome.COMMAND, progress)
 
         limit = self._settings.max_message_chars
         if len(text) > limit:
             note = (
                 f"Your message is {len(text):,} characters long; the limit is {limit:,}. Please shorten it."
             )
-            return await self._reply_text(message, reply, note, Outcome.REJECTED)
+            return await self._reply_text(message, reply, note, Outcome.REJECTED, progress)
 
         budget = self._token_budget()
         if self._service.prompt_tokens(text, ()) > budget:
@@ -166,12 +175,13 @@ class Bot:
                 f"Your message is too long for the model's context ({budget:,} tokens are available "
                 "for the prompt). Please shorten it."
             )
-            return await self._reply_text(message, reply, note, Outcome.REJECTED)
+            return await self._reply_text(message, reply, note, Outcome.REJECTED, progress)
 
         history = await self._history(channel, text, budget)
         await reply.begin()
         answer = await self._generate(message, history, reply)
         if answer is None:
+            progress.settled = True
             return Outcome.FAILED
         await self._storage.append_turn(
             channel,
@@ -183,6 +193,7 @@ class Bot:
             assistant_tokens=self._service.count_tokens(answer),
             event=(channel.platform, message.event_id),
         )
+        progress.settled = True
         await reply.finish(answer or EMPTY_ANSWER_TEXT)
         return Outcome.ANSWERED
 
@@ -247,9 +258,15 @@ class Bot:
         return not channels or message.channel.channel_id in channels
 
     async def _reply_text(
-        self, message: IncomingMessage, reply: ReplyHandle, text: str, outcome: Outcome
+        self,
+        message: IncomingMessage,
+        reply: ReplyHandle,
+        text: str,
+        outcome: Outcome,
+        progress: _Progress,
     ) -> Outcome:
         await self._storage.mark_event(message.channel.platform, message.event_id, EventStatus.ANSWERED)
+        progress.settled = True
         await reply.begin()
         await reply.finish(text)
         return outcome

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import functools
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, cast
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 from alembic.util import CommandError
 from sqlalchemy import CursorResult, Result, Select, delete, exists, select, update
@@ -46,6 +48,34 @@ class StoredTurn:
     created_at: datetime
 
 
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def _uncancellable(
+    method: Callable[Concatenate[Storage, _P], Coroutine[Any, Any, _T]],
+) -> Callable[Concatenate[Storage, _P], Coroutine[Any, Any, _T]]:
+    """Run the call to completion even when its caller is cancelled (the caller still sees the
+    cancellation at once). A transaction cut off mid-way by cancellation can leave a driver
+    connection, and SQLite's write lock, busy until the busy timeout; finishing it is cheap."""
+
+    async def wrapper(self: Storage, /, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        task = asyncio.ensure_future(method(self, *args, **kwargs))
+        self._pending.add(task)
+        task.add_done_callback(_settle)
+        task.add_done_callback(self._pending.discard)
+        return await asyncio.shield(task)
+
+    functools.update_wrapper(wrapper, method)
+    return wrapper
+
+
+def _settle(task: asyncio.Future[Any]) -> None:
+    """Mark a shielded call's error as seen; its caller, if still waiting, gets it anyway."""
+    if not task.cancelled():
+        task.exception()
+
+
 class Storage:
     """One process's handle on the database. ``instance_id`` marks the events this process
     claimed, so that after a restart the new process can tell which ones were left unanswered."""
@@ -58,6 +88,7 @@ class Storage:
         self._reads = async_sessionmaker(engine, expire_on_commit=False)
         writer = engine.execution_options(**{SQLITE_IMMEDIATE: True})
         self._writes = async_sessionmaker(writer, expire_on_commit=False)
+        self._pending: set[asyncio.Future[Any]] = set()
 
     @classmethod
     async def open(cls, url: str, *, instance_id: str | None = None) -> Storage:
@@ -76,10 +107,13 @@ class Storage:
         return cls(engine, instance_id or uuid.uuid4().hex)
 
     async def close(self) -> None:
+        if self._pending:  # calls whose callers were cancelled finish first
+            await asyncio.gather(*self._pending, return_exceptions=True)
         await self._engine.dispose()
 
     # -- events ---------------------------------------------------------------------------------
 
+    @_uncancellable
     async def claim_event(self, platform: str, event_id: str, payload: dict[str, Any]) -> ClaimResult:
         """Record a platform event before answering it; only a NEW or TAKEOVER claim should be answered.
 
@@ -131,6 +165,7 @@ class Storage:
             )
             return ClaimResult.TAKEOVER if _rowcount(taken) == 1 else ClaimResult.DUPLICATE
 
+    @_uncancellable
     async def mark_event(self, platform: str, event_id: str, status: EventStatus) -> None:
         async with self._write() as session:
             await session.execute(
@@ -139,6 +174,7 @@ class Storage:
                 .values(status=status.value, updated_at=utcnow())
             )
 
+    @_uncancellable
     async def unanswered_events(self, since: datetime) -> list[dict[str, Any]]:
         """Payloads of events that other processes claimed at or after ``since`` and never
         finished, oldest first: what a restarted process should answer."""
@@ -155,6 +191,7 @@ class Storage:
             )
             return list(payloads)
 
+    @_uncancellable
     async def prune_events(self, older_than: datetime) -> int:
         """Forget events (of any status) received before ``older_than``; returns how many."""
         _require_aware(older_than)
@@ -169,6 +206,7 @@ class Storage:
 
     # -- history --------------------------------------------------------------------------------
 
+    @_uncancellable
     async def recent_turns(self, channel: ChannelRef, limit: int) -> list[StoredTurn]:
         """The newest ``limit`` turns of the conversation, oldest first."""
         if limit <= 0:
@@ -187,6 +225,7 @@ class Storage:
             )
             return [StoredTurn(*row) for row in reversed(rows.all())]
 
+    @_uncancellable
     async def has_history(self, channel: ChannelRef) -> bool:
         async with self._read() as session:
             found = await session.scalar(
@@ -194,6 +233,7 @@ class Storage:
             )
             return bool(found)
 
+    @_uncancellable
     async def append_turn(
         self,
         channel: ChannelRef,
@@ -250,6 +290,7 @@ class Storage:
                     .values(status=EventStatus.ANSWERED.value, updated_at=now)
                 )
 
+    @_uncancellable
     async def clear(self, channel: ChannelRef) -> int:
         """Delete the conversation's messages; returns how many were deleted."""
         async with self._write() as session:

@@ -275,3 +275,53 @@ def test_generation_request_is_hashable_and_frozen() -> None:
     request = GenerationRequest(query="q")
     with pytest.raises(AttributeError):
         request.query = "x"  # type: ignore[misc]
+
+
+async def test_cancel_while_delivering_a_stored_answer_keeps_it_answered(tmp_path: Path) -> None:
+    class SlowFinish(RecordingReply):
+        def __init__(self) -> None:
+            super().__init__()
+            self.finishing = asyncio.Event()
+
+        async def finish(self, text: str) -> None:
+            self.finishing.set()
+            await asyncio.sleep(10)
+
+    async with bot_stack(tmp_path) as stack:
+        message = msg("hello")
+        reply = SlowFinish()
+        task = asyncio.create_task(stack.bot.handle(message, reply))
+        await asyncio.wait_for(reply.finishing.wait(), 5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert [kind for kind, _ in reply.calls] == ["begin"]  # no "cancelled" note under the answer
+        assert len(await stack.storage.recent_turns(CHANNEL, 10)) == 1
+    async with bot_stack(tmp_path) as stack:  # after a restart: answered, so never answered again
+        again, _ = await ask(stack.bot, message)
+    assert again is Outcome.DUPLICATE
+
+
+async def test_storage_calls_finish_even_when_the_caller_is_cancelled(tmp_path: Path) -> None:
+    async with bot_stack(tmp_path) as stack:
+        tasks = [
+            asyncio.create_task(
+                stack.storage.append_turn(
+                    ChannelRef("slack", f"C{i}"),
+                    author_id="u",
+                    author_name="u",
+                    user_text="q",
+                    user_tokens=1,
+                    assistant_text="a",
+                    assistant_tokens=1,
+                )
+            )
+            for i in range(10)
+        ]
+        await asyncio.sleep(0)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    async with bot_stack(tmp_path) as stack:
+        stored = [await stack.storage.recent_turns(ChannelRef("slack", f"C{i}"), 5) for i in range(10)]
+    assert all(len(turns) == 1 for turns in stored)
