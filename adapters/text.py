@@ -67,24 +67,35 @@ def _longest_fitting(
     rest: str, prefix: str, fence: str | None, limit: int, measure: Callable[[str], int]
 ) -> int:
     """The largest n such that ``prefix + rest[:n]`` fits, with room for a closing fence if the
-    cut may fall inside a code block (binary search)."""
+    cut may fall inside a code block.
+
+    Doubling finds a bound first, so a long text costs measures of chunk-sized strings only.
+    """
+
+    def fits(n: int, suffix: str) -> bool:
+        return measure(prefix + rest[:n] + suffix) <= limit
 
     def longest(suffix: str) -> int:
-        low, high = 0, len(rest)
+        high = 1
+        while high < len(rest) and fits(high, suffix):
+            high *= 2
+        low, high = high // 2, min(high, len(rest))
+        if low == 0 and not fits(0, suffix):
+            return 0
         while low < high:
             mid = (low + high + 1) // 2
-            if measure(prefix + rest[:mid] + suffix) <= limit:
+            if fits(mid, suffix):
                 low = mid
             else:
                 high = mid - 1
         return low
 
-    fits = longest("")
-    if fence is not None or FENCE in rest[:fits]:
-        fits = longest(_CLOSE)
-    if fits == 0:
+    size = longest("")
+    if fence is not None or FENCE in rest[:size]:
+        size = longest(_CLOSE)
+    if size == 0:
         raise ValueError(f"limit {limit} is too small to split this text")
-    return fits
+    return size
 
 
 def _best_cut(rest: str, fits: int) -> int:

@@ -62,11 +62,12 @@ def load_settings() -> Settings:
         return Settings()
     except ValidationError as exc:
         error = exc.errors()[0]
-        where = ".".join(str(part) for part in error["loc"]) or "settings"
-        name = where.upper() if where.isupper() or where.startswith(("SLACK", "DISCORD")) else where
-        if not name.startswith(("SLACK_", "DISCORD_")):
-            name = f"BOT_{where.upper()}"
-        raise ConfigError(f"{name}: {error['msg']}") from None
+        message = error["msg"].removeprefix("Value error, ")
+        if not error["loc"]:
+            raise ConfigError(message) from None
+        field = str(error["loc"][0])
+        name = field if field.isupper() else f"BOT_{field.upper()}"  # aliases are the env names
+        raise ConfigError(f"{name}: {message}") from None
 
 
 def _prepare(*, quiet: bool = False) -> Settings:

@@ -95,7 +95,9 @@ def _message() -> IncomingMessage:
         ({"slack_bot_token": "xoxb-1"}, "SLACK_SIGNING_SECRET"),
     ],
 )
-def test_check_settings_rejects_misconfiguration(tmp_path: Path, overrides: dict[str, str], needle: str) -> None:
+def test_check_settings_rejects_misconfiguration(
+    tmp_path: Path, overrides: dict[str, str], needle: str
+) -> None:
     with pytest.raises(ConfigError, match=needle):
         app.check_settings(make_settings(tmp_path, **overrides))
 
