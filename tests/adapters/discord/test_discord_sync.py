@@ -14,7 +14,7 @@ from bot.config import ConfigError, Settings
 from tests.adapters.discord.conftest import discord_settings
 from tests.adapters.discord.fake_discord import APP_ID, GUILD_ID, FakeDiscord
 
-DOCS = Path(__file__).resolve().parents[3] / "docs" / "discord.md"
+DOCS = Path(__file__).resolve().parents[3] / "README.md"
 
 
 def sync_args(*argv: str) -> argparse.Namespace:
