@@ -12,9 +12,11 @@
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 
@@ -24,7 +26,7 @@
 
 namespace {
 
-constexpr int64_t kBlock = 128;      // activation values sharing one int8 scale
+constexpr int64_t kBlock = 32;       // activation values sharing one int8 scale (llama.cpp q8_0)
 constexpr int64_t kTileRows = 32;    // output rows per weight tile: two registers of 16 int32 lanes
 constexpr int64_t kStepBytes = 128;  // one tile's 8 k-values: 32 rows x 8 nibbles
 constexpr int64_t kSteps = kBlock / 8;
@@ -127,9 +129,9 @@ struct Problem {
   const uint8_t* w;
   const float* wscale;  // per padded output row
   const float* bias;    // nullptr or [out]
-  const int8_t* q;      // [n, kp]
-  const float* sx;      // [n, nb]
-  const float* corr;    // [n]
+  int8_t* q;            // [n, kp], quantized activations
+  float* sx;            // [n, nb], their scales
+  float* corr;          // [n], their weight-offset corrections
   int64_t out, kp, nb;
 };
 
@@ -150,30 +152,67 @@ void run_tile(const Problem& p, int64_t tile, int64_t t0, Out* y) {
   }
 }
 
-template <typename X>
-void run(const Problem& p, const X* x, int64_t n, int64_t k, int8_t* q, float* sx, float* corr, X* y,
-         int64_t tiles) {
-  at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) corr[r] = quantize_row(x + r * k, k, p.kp, q + r * p.kp, sx + r * p.nb);
-  });
-  // Threads take chunks of tiles from a shared counter rather than fixed ranges: on a machine shared with
-  // other work a descheduled thread would otherwise hold up the whole matmul until it runs again.
+using Clock = std::chrono::steady_clock;
+
+// When another process holds a core, a parallel call ends waiting at OpenMP's barrier for a descheduled
+// thread, one scheduler slice (~4-8 ms) per matmul: a 2-thread decode measured ~4-10x slower on this
+// 2-core machine, while one thread lost little. So after a stall that costs a call more than a third of
+// its work, the matmuls run on the calling thread alone for kSerialFor, then try the threads again.
+// Long matmuls (prefill) keep their threads: a stall is small next to them.
+constexpr auto kSerialFor = std::chrono::milliseconds(200);
+constexpr auto kStallSlack = std::chrono::microseconds(1000);
+constexpr int64_t kLongCallMacs = int64_t{1} << 30;  // ~3 ms on two cores
+std::atomic<Clock::rep> g_serial_until{0};
+
+// Calls work(first, last) over [0, items) in chunks. Threads take chunks from a shared counter rather
+// than fixed ranges, so a thread that starts late leaves its chunks to the others.
+template <typename Work>
+void parallel_chunks(int64_t items, bool long_call, const Work& work) {
   const int64_t threads = at::get_num_threads();
-  const int64_t chunk = std::max<int64_t>(1, tiles / (threads * 16));
+  const auto start = Clock::now();
+  if (threads <= 1 || items < 2 ||
+      (!long_call && start.time_since_epoch().count() < g_serial_until.load(std::memory_order_relaxed))) {
+    work(0, items);
+    return;
+  }
+  const int64_t chunk = std::max<int64_t>(1, items / (threads * 16));
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    for (int64_t begin; (begin = next.fetch_add(chunk)) < tiles;) {
-      for (int64_t tile = begin; tile < std::min(begin + chunk, tiles); ++tile) {
-        // Token rows in blocks of kMaxTokens: each weight tile is unpacked once per block while it is hot
-        // in L1/L2, so a prefill reads the weights from memory once.
-        int64_t t0 = 0;
-        for (; t0 + kMaxTokens <= n; t0 += kMaxTokens) run_tile<kMaxTokens>(p, tile, t0, y);
-        switch (n - t0) {
-          case 3: run_tile<3>(p, tile, t0, y); break;
-          case 2: run_tile<2>(p, tile, t0, y); break;
-          case 1: run_tile<1>(p, tile, t0, y); break;
-          default: break;
-        }
+  Clock::time_point caller_done{};
+  Clock::duration longest{0};
+  at::parallel_for(0, threads, 1, [&](int64_t thread, int64_t) {
+    for (int64_t begin; (begin = next.fetch_add(chunk)) < items;) {
+      const auto started = Clock::now();
+      work(begin, std::min(begin + chunk, items));
+      if (thread == 0) longest = std::max(longest, Clock::now() - started);
+    }
+    if (thread == 0) caller_done = Clock::now();  // OpenMP's thread 0 is the calling thread
+  });
+  // Once the caller found no chunk left, the other threads had at most one chunk to finish.
+  const auto now = Clock::now();
+  const auto stall = now - caller_done;
+  if (stall > 2 * longest + kStallSlack && stall > (now - start) / 4) {
+    g_serial_until.store((now + kSerialFor).time_since_epoch().count(), std::memory_order_relaxed);
+  }
+}
+
+template <typename X>
+void run(const Problem& p, const X* x, int64_t n, int64_t k, X* y, int64_t tiles) {
+  // Serial: ~1 us per 4096 values, a few percent of a prefill matmul, and a parallel call this short
+  // would be all stall under contention.
+  for (int64_t r = 0; r < n; ++r) {
+    p.corr[r] = quantize_row(x + r * k, k, p.kp, p.q + r * p.kp, p.sx + r * p.nb);
+  }
+  parallel_chunks(tiles, n * p.kp * p.out >= kLongCallMacs, [&](int64_t first, int64_t last) {
+    for (int64_t tile = first; tile < last; ++tile) {
+      // Token rows in blocks of kMaxTokens: each weight tile is unpacked once per block while it is hot in
+      // L1/L2, so a prefill reads the weights from memory once.
+      int64_t t0 = 0;
+      for (; t0 + kMaxTokens <= n; t0 += kMaxTokens) run_tile<kMaxTokens>(p, tile, t0, y);
+      switch (n - t0) {
+        case 3: run_tile<3>(p, tile, t0, y); break;
+        case 2: run_tile<2>(p, tile, t0, y); break;
+        case 1: run_tile<1>(p, tile, t0, y); break;
+        default: break;
       }
     }
   });
@@ -182,15 +221,19 @@ void run(const Problem& p, const X* x, int64_t n, int64_t k, int8_t* q, float* s
 torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& wscale,
                           int64_t out, const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous [N, in] tensor");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed weights must be contiguous uint8");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "x must be float32 or bfloat16");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(),
+              "packed weights must be contiguous uint8");
   TORCH_CHECK(wscale.scalar_type() == at::kFloat && wscale.is_contiguous() && wscale.dim() == 1 &&
                   wscale.size(0) % kTileRows == 0 && wscale.size(0) >= out,
               "weight scales must be float32 [padded out]");
   const int64_t n = x.size(0), k = x.size(1), tiles = wscale.size(0) / kTileRows;
-  TORCH_CHECK(tiles > 0 && packed.numel() % (tiles * kTileRows / 2) == 0, "packed weights do not match the scales");
+  TORCH_CHECK(tiles > 0 && packed.numel() % (tiles * kTileRows / 2) == 0,
+              "packed weights do not match the scales");
   const int64_t kp = packed.numel() / (tiles * kTileRows / 2);
-  TORCH_CHECK(kp % kBlock == 0 && k <= kp && kp - k < kBlock, "x has ", k, " features, weights are packed for ", kp);
+  TORCH_CHECK(kp % kBlock == 0 && k <= kp && kp - k < kBlock, "x has ", k,
+              " features, weights are packed for ", kp);
   const float* bias_ptr = nullptr;
   if (bias.has_value()) {
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == out,
@@ -206,13 +249,61 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& packed, c
   const Problem p{packed.data_ptr<uint8_t>(), wscale.data_ptr<float>(), bias_ptr, q.data_ptr<int8_t>(),
                   sx.data_ptr<float>(), corr.data_ptr<float>(), out, kp, nb};
   if (x.scalar_type() == at::kFloat) {
-    run(p, x.data_ptr<float>(), n, k, q.data_ptr<int8_t>(), sx.data_ptr<float>(), corr.data_ptr<float>(),
-        y.data_ptr<float>(), tiles);
+    run(p, x.data_ptr<float>(), n, k, y.data_ptr<float>(), tiles);
   } else {
-    run(p, x.data_ptr<at::BFloat16>(), n, k, q.data_ptr<int8_t>(), sx.data_ptr<float>(), corr.data_ptr<float>(),
-        y.data_ptr<at::BFloat16>(), tiles);
+    run(p, x.data_ptr<at::BFloat16>(), n, k, y.data_ptr<at::BFloat16>(), tiles);
   }
   return y;
+}
+
+// Zeroed memory for packed weights on 2 MiB-aligned transparent huge pages where the kernel allows them
+// (THP "madvise" mode is common): a decode streams every weight once, and 4 KiB pages cost it ~10-15%.
+torch::Tensor alloc_weights(int64_t nbytes) {
+  TORCH_CHECK(nbytes > 0, "nbytes must be positive");
+  constexpr uintptr_t kHuge = 2u << 20;
+  const size_t len = (static_cast<size_t>(nbytes) + kHuge - 1) / kHuge * kHuge;
+  void* raw = mmap(nullptr, len + kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  TORCH_CHECK(raw != MAP_FAILED, "cannot map ", len, " bytes for weights");
+  const uintptr_t base = reinterpret_cast<uintptr_t>(raw);
+  const uintptr_t aligned = (base + kHuge - 1) & ~(kHuge - 1);
+  if (aligned > base) munmap(raw, aligned - base);
+  if (base + kHuge > aligned) munmap(reinterpret_cast<void*>(aligned + len), base + kHuge - aligned);
+  void* data = reinterpret_cast<void*>(aligned);
+  madvise(data, len, MADV_HUGEPAGE);  // only a hint: without THP the memory is ordinary pages
+  return torch::from_blob(data, {nbytes}, [len](void* p) { munmap(p, len); }, torch::dtype(torch::kUInt8));
+}
+
+// The official checkpoint's int8 [out, in/2] (even column in the high nibble) in the tile layout above.
+torch::Tensor pack_official(const torch::Tensor& qweight) {
+  TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.dim() == 2 && qweight.is_contiguous() &&
+                  qweight.numel() > 0,
+              "qweight must be a contiguous non-empty int8 [out, in/2] tensor");
+  const int64_t out = qweight.size(0), half = qweight.size(1), k = 2 * half;
+  const int64_t tiles = (out + kTileRows - 1) / kTileRows, kp = (k + kBlock - 1) / kBlock * kBlock;
+  auto packed = alloc_weights(tiles * kp * kTileRows / 2);
+  const auto* src = reinterpret_cast<const uint8_t*>(qweight.data_ptr<int8_t>());
+  uint8_t* dst = packed.data_ptr<uint8_t>();
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) {
+      for (int64_t k8 = 0; k8 < kp / 8; ++k8) {
+        uint8_t* step = dst + (tile * (kp / 8) + k8) * kStepBytes;
+        for (int64_t r = 0; r < kTileRows; ++r) {
+          // Source bytes b[i] hold columns 8*k8 + 2i (high nibble) and 8*k8 + 2i + 1 (low nibble);
+          // padding reads as q = 0.
+          const int64_t o = tile * kTileRows + r;
+          uint8_t b[4] = {0, 0, 0, 0};
+          for (int64_t i = 0; i < 4 && o < out && k8 * 4 + i < half; ++i) b[i] = src[o * half + k8 * 4 + i];
+          const uint8_t lo[4] = {static_cast<uint8_t>(b[0] >> 4), static_cast<uint8_t>(b[0] & 15),
+                                 static_cast<uint8_t>(b[1] >> 4), static_cast<uint8_t>(b[1] & 15)};
+          const uint8_t hi[4] = {static_cast<uint8_t>(b[2] >> 4), static_cast<uint8_t>(b[2] & 15),
+                                 static_cast<uint8_t>(b[3] >> 4), static_cast<uint8_t>(b[3] & 15)};
+          // q + 8 of a 4-bit two's complement value is the value with its top bit flipped: xor 0x88.
+          for (int j = 0; j < 4; ++j) step[r * 4 + j] = static_cast<uint8_t>((lo[j] | hi[j] << 4) ^ 0x88);
+        }
+      }
+    }
+  });
+  return packed;
 }
 
 }  // namespace
@@ -221,4 +312,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_linear", &int4_linear, "y[N, out] = x[N, in] @ W.T (+ bias), int4 W x int8 x on AVX512-VNNI",
         pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("scale"), pybind11::arg("out_features"),
         pybind11::arg("bias") = pybind11::none());
+  m.def("pack_official", &pack_official, "repack official int4 weights for int4_linear",
+        pybind11::arg("qweight"));
 }
