@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 Turn = tuple[str, str]  # (user query, assistant response)
 
@@ -67,3 +67,36 @@ class Generator(Protocol):
 
 
 GeneratorFactory = Callable[[], Generator]
+
+
+class DecodeState(Protocol):
+    """One request inside a ``BatchGenerator``: prefilled, then advanced a token per step."""
+
+    @property
+    def done(self) -> bool:
+        """Finished (eos, token limit, context limit or ``should_stop``); ``finish`` may be called."""
+        ...
+
+
+@runtime_checkable
+class BatchGenerator(Generator, Protocol):
+    """A Generator that can decode several requests together, one forward per step.
+
+    The service admits requests at step boundaries (``begin`` prefills one), calls ``step`` with
+    every unfinished state, and ``finish`` for each state that is done or abandoned (it frees the
+    state's cache slot). All three run on the inference thread only.
+    """
+
+    @property
+    def max_batch_size(self) -> int: ...
+
+    def begin(
+        self,
+        request: GenerationRequest,
+        on_text: Callable[[str], None],
+        should_stop: Callable[[], bool],
+    ) -> DecodeState: ...
+
+    def step(self, states: Sequence[DecodeState]) -> None: ...
+
+    def finish(self, state: DecodeState) -> GenerationResult: ...

@@ -15,7 +15,15 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from bot import metrics
-from bot.generation import GenerationRequest, GenerationResult, Generator, GeneratorFactory, Turn
+from bot.generation import (
+    BatchGenerator,
+    DecodeState,
+    GenerationRequest,
+    GenerationResult,
+    Generator,
+    GeneratorFactory,
+    Turn,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +71,15 @@ class _Job:
     events: asyncio.Queue[_Event] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     first_text: bool = False
+
+    def on_text(self, text: str) -> None:
+        self.emit(_TEXT, text)
+
+    def should_stop(self) -> bool:
+        return self.cancelled.is_set() or self.timed_out()
+
+    def timed_out(self) -> bool:
+        return time.monotonic() > self.deadline
 
     def emit(self, kind: str, payload: object) -> None:
         """Called on the inference thread; hands the event to the caller's loop."""
@@ -115,7 +132,7 @@ class ModelService:
         self._thread: threading.Thread | None = None
         self._generator: Generator | None = None
         self._closing = False
-        self._current: _Job | None = None
+        self._active: list[_Job] = []
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -146,8 +163,8 @@ class ModelService:
                 break
             if job is not None:
                 job.emit(_ERROR, ServiceClosed())
-        if self._current is not None:
-            self._current.cancelled.set()
+        for job in list(self._active):
+            job.cancelled.set()
         metrics.QUEUE_DEPTH.set(0)
         thread = self._thread
         if thread is not None and thread.is_alive():
@@ -177,7 +194,7 @@ class ModelService:
 
     @property
     def in_flight(self) -> int:
-        return 0 if self._current is None else 1
+        return len(self._active)
 
     def stream(self, request: GenerationRequest) -> Stream:
         """Queue ``request``; raises ``ServiceBusy`` at once when the queue is full."""
@@ -201,47 +218,130 @@ class ModelService:
             return
         loop.call_soon_threadsafe(report, None)
         generator = self._generator
+        if isinstance(generator, BatchGenerator) and generator.max_batch_size > 1:
+            self._run_batched(generator)
+        else:
+            self._run_serial(generator)
+
+    def _next_job(self, block: bool) -> _Job | _Idle | None:
+        try:
+            job = self._jobs.get(block=block)
+        except queue.Empty:
+            return _IDLE
+        metrics.QUEUE_DEPTH.set(self._jobs.qsize())
+        if job is not None:
+            metrics.QUEUE_WAIT.observe(time.monotonic() - job.submitted)
+        return job
+
+    def _run_serial(self, generator: Generator) -> None:
         while True:
-            job = self._jobs.get()
-            metrics.QUEUE_DEPTH.set(self._jobs.qsize())
+            job = self._next_job(block=True)
             if job is None:
                 return
-            self._serve(generator, job)
+            if isinstance(job, _Job) and self._admit(job):
+                self._set_active([job])
+                try:
+                    result = generator.generate(job.request, job.on_text, job.should_stop)
+                except Exception:
+                    self._fail(job)
+                else:
+                    self._complete(job, result)
+                finally:
+                    self._set_active([])
 
-    def _serve(self, generator: Generator, job: _Job) -> None:
-        metrics.QUEUE_WAIT.observe(time.monotonic() - job.submitted)
+    def _run_batched(self, generator: BatchGenerator) -> None:
+        """Requests decode together, one forward per step; new ones join at step boundaries."""
+        active: list[tuple[_Job, DecodeState]] = []
+        while True:
+            while len(active) < generator.max_batch_size:
+                job = self._next_job(block=not active)
+                if job is None:
+                    for job, state in active:
+                        job.cancelled.set()
+                        self._finish_state(generator, job, state)
+                    return
+                if not isinstance(job, _Job):
+                    break
+                if not self._admit(job):
+                    continue
+                try:
+                    active.append((job, generator.begin(job.request, job.on_text, job.should_stop)))
+                except Exception:
+                    self._fail(job)
+            self._set_active([job for job, _ in active])
+            running = [state for _, state in active if not state.done]
+            if running:
+                try:
+                    generator.step(running)
+                except Exception:
+                    log.exception("batched decode step failed")
+                    for job, state in active:
+                        job.cancelled.set()
+                        self._finish_state(generator, job, state, failed=True)
+                    active = []
+                    continue
+            still: list[tuple[_Job, DecodeState]] = []
+            for job, state in active:
+                if state.done:
+                    self._finish_state(generator, job, state)
+                else:
+                    still.append((job, state))
+            active = still
+            if not active:
+                self._set_active([])
+
+    def _admit(self, job: _Job) -> bool:
+        """False (the caller told why) for a job cancelled or out of time while it waited."""
         if job.cancelled.is_set():
-            job.emit(_ERROR, GenerationCancelled())
-            return
-        self._current = job
-        metrics.IN_FLIGHT.set(1)
+            self._end(job, GenerationCancelled())
+            return False
+        if job.timed_out():
+            self._end(job, GenerationTimeout(self._timeout_s))
+            return False
+        return True
 
-        def timed_out() -> bool:
-            return time.monotonic() > job.deadline
-
-        def should_stop() -> bool:
-            return job.cancelled.is_set() or timed_out()
-
-        outcome = "ok"
+    def _finish_state(
+        self, generator: BatchGenerator, job: _Job, state: DecodeState, *, failed: bool = False
+    ) -> None:
         try:
-            if timed_out():  # waited out its whole time limit in the queue
-                raise GenerationTimeout(self._timeout_s)
-            result = generator.generate(job.request, lambda text: job.emit(_TEXT, text), should_stop)
-            metrics.TOKENS.inc(result.new_tokens)
-            if job.cancelled.is_set():
-                raise GenerationCancelled()
-            if timed_out():
-                raise GenerationTimeout(self._timeout_s)
-            job.emit(_DONE, result)
-        except ServiceError as exc:
-            outcome = type(exc).__name__
-            job.emit(_ERROR, exc)
+            result = generator.finish(state)
         except Exception:
-            outcome = "error"
-            log.exception("generation failed")
-            job.emit(_ERROR, GenerationFailed())
-        finally:
-            self._current = None
-            metrics.IN_FLIGHT.set(0)
-            metrics.GENERATIONS.labels(outcome).inc()
-            metrics.LATENCY.observe(time.monotonic() - job.submitted)
+            self._fail(job)
+            return
+        if failed:
+            self._end(job, GenerationFailed())
+        else:
+            self._complete(job, result)
+
+    def _complete(self, job: _Job, result: GenerationResult) -> None:
+        metrics.TOKENS.inc(result.new_tokens)
+        if job.cancelled.is_set():
+            self._end(job, GenerationCancelled())
+        elif job.timed_out():
+            self._end(job, GenerationTimeout(self._timeout_s))
+        else:
+            self._end(job, result)
+
+    def _fail(self, job: _Job) -> None:
+        log.exception("generation failed")
+        self._end(job, GenerationFailed())
+
+    def _end(self, job: _Job, outcome: GenerationResult | ServiceError) -> None:
+        if isinstance(outcome, ServiceError):
+            job.emit(_ERROR, outcome)
+            metrics.GENERATIONS.labels(type(outcome).__name__).inc()
+        else:
+            job.emit(_DONE, outcome)
+            metrics.GENERATIONS.labels("ok").inc()
+        metrics.LATENCY.observe(time.monotonic() - job.submitted)
+
+    def _set_active(self, jobs: list[_Job]) -> None:
+        self._active = jobs
+        metrics.IN_FLIGHT.set(len(jobs))
+
+
+class _Idle:
+    """The queue had nothing for a batch that is already decoding."""
+
+
+_IDLE = _Idle()

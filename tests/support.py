@@ -156,3 +156,57 @@ class RecordingReply:
     @property
     def updates(self) -> list[str]:
         return [text for kind, text in self.calls if kind == "update"]
+
+
+@dataclass
+class _ScriptedState:
+    request: GenerationRequest
+    pieces: list[str]
+    on_text: Callable[[str], None]
+    should_stop: Callable[[], bool]
+    emitted: list[str]
+    stopped: bool = False
+
+    @property
+    def done(self) -> bool:
+        return self.stopped or len(self.emitted) == len(self.pieces)
+
+
+class ScriptedBatchGenerator(ScriptedGenerator):
+    """The same answers, decoded as a BatchGenerator: one piece per state per step."""
+
+    def __init__(self, *args: Any, max_batch_size: int = 4, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_batch_size = max_batch_size
+        self.step_sizes: list[int] = []
+
+    def begin(
+        self,
+        request: GenerationRequest,
+        on_text: Callable[[str], None],
+        should_stop: Callable[[], bool],
+    ) -> _ScriptedState:
+        with self._lock:
+            self.requests.append(request)
+            self.thread_names.add(threading.current_thread().name)
+        self.started.set()
+        if self.fail_with is not None:
+            raise self.fail_with
+        pieces = _PIECES.findall(self.reply(request))[: request.params.max_new_tokens]
+        return _ScriptedState(request, pieces, on_text, should_stop, [])
+
+    def step(self, states: Sequence[_ScriptedState]) -> None:
+        self.step_sizes.append(len(states))
+        if self.token_delay:
+            time.sleep(self.token_delay)
+        for state in states:
+            if state.should_stop():
+                state.stopped = True
+                continue
+            piece = state.pieces[len(state.emitted)]
+            state.on_text(piece)
+            state.emitted.append(piece)
+
+    def finish(self, state: _ScriptedState) -> GenerationResult:
+        text = "".join(state.emitted).strip()
+        return GenerationResult(text, 0, len(state.emitted), stopped=state.stopped)

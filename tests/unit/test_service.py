@@ -102,7 +102,7 @@ async def test_token_limit_and_time_limit() -> None:
     gen = ScriptedGenerator(lambda r: "a b c d e f g h", token_delay=0.0)
     service = await started(gen)
     try:
-        deltas, text = await collect(
+        _, text = await collect(
             service, GenerationRequest(query="q", params=GenerationParams(max_new_tokens=3))
         )
         assert text == "a b c"
