@@ -1,0 +1,127 @@
+"""ChatGLM2 hyper-parameters, read from a checkpoint's ``config.json`` (the official field names)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """config.json is unreadable, or describes a model this engine does not implement."""
+
+
+# Fields of the official config.json that must hold these values: the engine implements only the
+# ChatGLM2 architecture (RMSNorm pre-norm blocks, bias-free linears except qkv, final norm, GLM RoPE).
+_REQUIRED = {
+    "rmsnorm": True,
+    "add_bias_linear": False,
+    "apply_residual_connection_post_layernorm": False,
+    "post_layer_norm": True,
+    "original_rope": True,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ChatGLM2Config:
+    num_layers: int = 28
+    hidden_size: int = 4096
+    num_attention_heads: int = 32
+    kv_channels: int = 128  # head dim
+    multi_query_attention: bool = True
+    multi_query_group_num: int = 2
+    ffn_hidden_size: int = 13696
+    padded_vocab_size: int = 65024
+    seq_length: int = 32768
+    layernorm_epsilon: float = 1e-5
+    add_qkv_bias: bool = True
+    quantization_bit: int = 0  # 4: the chatglm2-6b-int4 layout (or quantize fp16 weights on load)
+    torch_dtype: str = "float16"
+    eos_token_id: int = 2
+    pad_token_id: int = 0
+
+    def __post_init__(self) -> None:
+        positive = ("num_layers", "hidden_size", "num_attention_heads", "kv_channels", "ffn_hidden_size")
+        for name in (*positive, "padded_vocab_size", "seq_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"config field {name} must be a positive integer, got {value!r}")
+        if self.kv_channels % 4:
+            raise ConfigError(f"kv_channels must be a multiple of 4 (RoPE pairs), got {self.kv_channels}")
+        if self.num_attention_heads % self.kv_groups:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"multi_query_group_num ({self.kv_groups})"
+            )
+        if self.quantization_bit not in (0, 4):
+            raise ConfigError(f"quantization_bit {self.quantization_bit} is not supported (only 4)")
+        if not (isinstance(self.layernorm_epsilon, float) and self.layernorm_epsilon > 0):
+            raise ConfigError(f"layernorm_epsilon must be a positive number, got {self.layernorm_epsilon!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels
+
+    @property
+    def kv_groups(self) -> int:
+        """Number of key/value heads (2 for ChatGLM2-6B's multi-query attention)."""
+        return self.multi_query_group_num if self.multi_query_attention else self.num_attention_heads
+
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.kv_groups * self.head_dim
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head that RoPE rotates: the first half (64 of 128)."""
+        return self.head_dim // 2
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ChatGLM2Config:
+        for key, want in _REQUIRED.items():
+            if key in raw and raw[key] != want:
+                raise ConfigError(f"unsupported ChatGLM2 variant: config {key}={raw[key]!r} (need {want!r})")
+        rope_ratio = raw.get("rope_ratio", 1)
+        if rope_ratio != 1:
+            raise ConfigError(f"unsupported config rope_ratio={rope_ratio!r} (long-context variants)")
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in raw.items() if k in known}
+        if values.get("quantization_bit") is None:
+            values.pop("quantization_bit", None)
+        if isinstance(values.get("layernorm_epsilon"), int):
+            values["layernorm_epsilon"] = float(values["layernorm_epsilon"])
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise ConfigError(f"bad config: {exc}") from exc
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> ChatGLM2Config:
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config not found: {path}") from exc
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot read {path}: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a JSON object")
+        return cls.from_dict(raw)
+
+    @classmethod
+    def from_name(cls, name: str) -> ChatGLM2Config:
+        try:
+            return PRESETS[name]
+        except KeyError:
+            raise ConfigError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}") from None
+
+
+PRESETS: dict[str, ChatGLM2Config] = {
+    "chatglm2-6b": ChatGLM2Config(),
+    "chatglm2-6b-int4": ChatGLM2Config(quantization_bit=4),
+}

@@ -1,0 +1,235 @@
+"""ChatGLM2-6B in plain PyTorch (gpt-fast style): pre-norm RMSNorm blocks, multi-query attention with
+RoPE on the first half of each head (interleaved pairs), SwiGLU MLP, untied output layer.
+
+Module names mirror the official checkpoint (``transformer.encoder.layers.N.self_attention...``) so a
+state dict loads without renaming. Shapes: B batch, S new tokens, T cache length, H heads, G key/value
+groups, D head dim, C hidden size.
+
+The KV cache is written by position (slot == position), and ``forward`` takes a position per token and
+row (``input_pos [B, S]``; ``[S]`` is shared by all rows). Attention masks key slot ``t`` for a query at
+position ``p`` unless ``t <= p``, so rows at different positions can decode together.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bot.model.config import ChatGLM2Config
+from bot.model.quant import swap_linears_for_int4
+
+QUANTIZED_LINEARS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+ROPE_BASE = 10000.0
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)  # in fp32, as the official code
+        return (self.weight * (x * torch.rsqrt(variance + self.eps))).to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Fixed-size cache ``[B, G, T, D]``; slot ``t`` holds the key/value of position ``t``."""
+
+    def __init__(
+        self, max_batch: int, max_seq_len: int, groups: int, head_dim: int, dtype: torch.dtype
+    ) -> None:
+        super().__init__()
+        shape = (max_batch, groups, max_seq_len, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+
+    def update(
+        self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``k, v [B, G, S, D]`` at ``input_pos [B, S]``; return the first B rows of the cache."""
+        batch = k.shape[0]
+        k_out, v_out = self.k_cache[:batch], self.v_cache[:batch]
+        if batch == 1 or bool((input_pos == input_pos[:1]).all()):
+            k_out.index_copy_(2, input_pos[0], k)
+            v_out.index_copy_(2, input_pos[0], v)
+        else:
+            rows = torch.arange(batch, device=k.device)[:, None]  # [B, 1]
+            k_out[rows, :, input_pos] = k.transpose(1, 2)  # indexed view is [B, S, G, D]
+            v_out[rows, :, input_pos] = v.transpose(1, 2)
+        return k_out, v_out
+
+
+def rope_cache(max_seq_len: int, rotary_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[T, rotary_dim/2, 2]``: (cos, sin) per position and pair, computed in fp32 as the official code."""
+    theta = 1.0 / (ROPE_BASE ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), theta)
+    return torch.stack((torch.cos(angles), torch.sin(angles)), dim=-1).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of the first ``2 * rope.shape[-2]`` dims.
+
+    x: [B, S, H, D]; rope: [B, S, R/2, 2].
+    """
+    rot_dim = rope.shape[-2] * 2
+    x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
+    pairs = x_rot.reshape(*x_rot.shape[:-1], rot_dim // 2, 2)  # [B, S, H, R/2, 2]
+    cos, sin = rope[:, :, None, :, 0], rope[:, :, None, :, 1]  # [B, S, 1, R/2]
+    rotated = torch.stack(
+        (pairs[..., 0] * cos - pairs[..., 1] * sin, pairs[..., 1] * cos + pairs[..., 0] * sin), dim=-1
+    ).flatten(3)
+    return torch.cat((rotated, x_pass), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ChatGLM2Config, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.n_groups = config.kv_groups
+        self.head_dim = config.head_dim
+        self.q_size, self.kv_size = config.q_size, config.kv_size
+        qkv = config.q_size + 2 * config.kv_size
+        self.query_key_value = nn.Linear(config.hidden_size, qkv, bias=config.add_qkv_bias, dtype=dtype)
+        self.dense = nn.Linear(config.q_size, config.hidden_size, bias=False, dtype=dtype)
+        self.kv_cache: KVCache | None = None
+
+    def forward(
+        self, x: torch.Tensor, rope: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        batch, seq, _ = x.shape  # [B, S, C]
+        qkv = self.query_key_value(x)
+        q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        q = apply_rope(q.view(batch, seq, self.n_heads, self.head_dim), rope)  # [B, S, H, D]
+        k = apply_rope(k.view(batch, seq, self.n_groups, self.head_dim), rope)  # [B, S, G, D]
+        v = v.view(batch, seq, self.n_groups, self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H|G, S, D]
+        if self.kv_cache is None:
+            raise RuntimeError("call setup_caches() before forward()")
+        k_all, v_all = self.kv_cache.update(input_pos, k, v)  # [B, G, T, D]
+        length = mask.shape[-1]  # only the slots any query can see
+        out = F.scaled_dot_product_attention(
+            q, k_all[:, :, :length], v_all[:, :, :length], attn_mask=mask, enable_gqa=True
+        )  # query head h reads group h // (H / G); scale 1/sqrt(D)
+        projected: torch.Tensor = self.dense(out.transpose(1, 2).reshape(batch, seq, self.q_size))
+        return projected
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ChatGLM2Config, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(
+            config.hidden_size, 2 * config.ffn_hidden_size, bias=False, dtype=dtype
+        )
+        self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=False, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.dense_h_to_4h(x).chunk(2, dim=-1)  # SwiGLU: first half gates the second
+        out: torch.Tensor = self.dense_4h_to_h(F.silu(gate) * up)
+        return out
+
+
+class Block(nn.Module):
+    def __init__(self, config: ChatGLM2Config, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        eps = config.layernorm_epsilon
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, dtype)
+        self.self_attention = Attention(config, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype)
+        self.mlp = MLP(config, dtype)
+
+    def forward(
+        self, x: torch.Tensor, rope: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        x = x + self.self_attention(self.input_layernorm(x), rope, input_pos, mask)
+        mlp_out: torch.Tensor = self.mlp(self.post_attention_layernorm(x))
+        return x + mlp_out
+
+
+class Embedding(nn.Module):
+    def __init__(self, config: ChatGLM2Config, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size, dtype=dtype)
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: ChatGLM2Config, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(Block(config, dtype) for _ in range(config.num_layers))
+        self.final_layernorm = RMSNorm(config.hidden_size, config.layernorm_epsilon, dtype)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ChatGLM2Config, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.embedding = Embedding(config, dtype)
+        self.encoder = Encoder(config, dtype)
+        self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False, dtype=dtype)
+
+
+class ChatGLM2(nn.Module):
+    def __init__(
+        self, config: ChatGLM2Config, dtype: torch.dtype | None = None, quantized: bool = False
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.transformer = Transformer(config, dtype)
+        if quantized:
+            swap_linears_for_int4(self.transformer.encoder, QUANTIZED_LINEARS, dtype or torch.float32)
+        self.max_batch = 0
+        self.max_seq_len = 0
+        self.rope = torch.empty(0, device="cpu")  # [T, R/2, 2], made by setup_caches
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.output_layer.weight.device
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.transformer.encoder.final_layernorm.weight.dtype
+
+    def setup_caches(self, max_batch: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
+        """Allocate the KV caches (zeroed) and the RoPE table for ``max_seq_len`` positions."""
+        dtype = dtype or self.compute_dtype
+        device = self.device
+        config = self.config
+        for block in self.blocks:
+            block.self_attention.kv_cache = KVCache(
+                max_batch, max_seq_len, config.kv_groups, config.head_dim, dtype
+            ).to(device)
+        self.rope = rope_cache(max_seq_len, config.rotary_dim, dtype).to(device)
+        self.max_batch, self.max_seq_len = max_batch, max_seq_len
+
+    @property
+    def blocks(self) -> list[Block]:
+        return [layer for layer in self.transformer.encoder.layers if isinstance(layer, Block)]
+
+    def forward(
+        self, input_ids: torch.Tensor, input_pos: torch.Tensor, *, last_only: bool = False
+    ) -> torch.Tensor:
+        """input_ids [B, S], input_pos [S] or [B, S] -> float32 logits [B, S, V] ([B, 1, V] if last_only)."""
+        batch, seq = input_ids.shape
+        if input_pos.dim() == 1:
+            input_pos = input_pos.expand(batch, seq)
+        if batch > self.max_batch or int(input_pos.max()) >= self.max_seq_len:
+            raise ValueError(
+                f"batch {batch} / position {int(input_pos.max())} exceed the caches "
+                f"({self.max_batch} x {self.max_seq_len}); call setup_caches() with larger sizes"
+            )
+        dtype = self.rope.dtype
+        length = int(input_pos.max()) + 1
+        slots = torch.arange(length, device=input_ids.device)
+        mask = (slots[None, None, :] <= input_pos[:, :, None])[:, None]  # [B, 1, S, T]
+        rope = self.rope[input_pos]  # [B, S, R/2, 2]
+        x = self.transformer.embedding.word_embeddings(input_ids).to(dtype)  # [B, S, C]
+        for block in self.blocks:
+            x = block(x, rope, input_pos, mask)
+        if last_only:
+            x = x[:, -1:]
+        x = self.transformer.encoder.final_layernorm(x)
+        logits: torch.Tensor = self.transformer.output_layer(x)
+        return logits.float()  # [B, S, V]

@@ -1,0 +1,129 @@
+"""The installed entry point end to end: real model (tiny fixture), real storage, real console."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bot.events import ChannelRef
+from storage.repository import Storage
+from tests.model.fixture import expected, tiny_dir
+
+PROMPTS = {p["name"]: p for p in expected()["tokenizer"]["chat_prompts"]}
+RUNS = {p["name"]: p for p in expected()["fp32"]}
+
+
+def run_cli(
+    args: list[str], env: dict[str, str], stdin: str = "", timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("BOT_", "SLACK_", "DISCORD_"))}
+    clean.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", "bot", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=clean,
+        timeout=timeout,
+    )
+
+
+def chat_env(tmp_path: Path) -> dict[str, str]:
+    return {
+        "BOT_MODEL_PATH": str(tiny_dir("fp32")),
+        "BOT_DATABASE_URL": f"sqlite:///{tmp_path / 'chat.db'}",
+        "BOT_TEMPERATURE": "0",
+        "BOT_MAX_NEW_TOKENS": "8",
+        "BOT_NUM_THREADS": "1",
+    }
+
+
+def test_generate_json_matches_the_official_greedy_output() -> None:
+    prompt = PROMPTS["zh_single"]
+    result = run_cli(
+        [
+            "generate",
+            "--model",
+            str(tiny_dir("fp32")),
+            "--greedy",
+            "--max-new-tokens",
+            "8",
+            "--json",
+            prompt["query"],
+        ],
+        {},
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["prompt_ids"] == prompt["input_ids"]
+    assert data["output_ids"] == RUNS["zh_single"]["greedy_generate_ids"]
+    assert data["text"] == RUNS["zh_single"]["chat_response_greedy_8"]
+    assert set(data["timings"]) >= {"load_s", "prefill_tokens_per_s", "decode_tokens_per_s"}
+    assert len(data["logits_head"]) == 16
+
+
+def test_console_chat_answers_like_the_official_chat_and_keeps_history(tmp_path: Path) -> None:
+    env = chat_env(tmp_path)
+    first = run_cli(["chat"], env, stdin=PROMPTS["zh_single"]["query"] + "\nquit\n")
+    assert first.returncode == 0, first.stderr
+    assert RUNS["zh_single"]["chat_response_greedy_8"] in first.stdout
+
+    # Seed the official multi-turn history, then ask its last question in a new process.
+    async def seed() -> None:
+        storage = await Storage.open(env["BOT_DATABASE_URL"])
+        channel = ChannelRef("console", "multi")
+        for query, response in PROMPTS["multi_turn"]["history"]:
+            await storage.append_turn(
+                channel,
+                author_id="u",
+                author_name="u",
+                user_text=query,
+                user_tokens=1,
+                assistant_text=response,
+                assistant_tokens=1,
+            )
+        await storage.close()
+
+    asyncio.run(seed())
+    second = run_cli(["chat", "--session", "multi"], env, stdin=PROMPTS["multi_turn"]["query"] + "\n")
+    assert second.returncode == 0, second.stderr
+    assert RUNS["multi_turn"]["chat_response_greedy_8"] in second.stdout
+
+    async def turns() -> int:
+        storage = await Storage.open(env["BOT_DATABASE_URL"])
+        try:
+            return len(await storage.recent_turns(ChannelRef("console", "multi"), 10))
+        finally:
+            await storage.close()
+
+    assert asyncio.run(turns()) == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "needle"),
+    [
+        (["chat"], {"BOT_MODEL_PATH": "/nonexistent/model"}, "BOT_MODEL_PATH"),
+        (["chat"], {"BOT_TEMPERATURE": "hot"}, "BOT_TEMPERATURE"),
+        (["chat"], {"BOT_MAX_NEW_TOKENS": "9000", "BOT_MAX_CONTEXT_TOKENS": "8192"}, "BOT_MAX_NEW_TOKENS"),
+        (["chat"], {"BOT_DATABASE_URL": "mysql://root:hunter2@db/x"}, "database URL"),
+        (["serve"], {"SLACK_BOT_TOKEN": "xoxb-secret-token"}, "SLACK_SIGNING_SECRET"),
+        (["serve"], {}, "no platform is configured"),
+    ],
+)
+def test_misconfiguration_stops_with_one_clear_line(
+    tmp_path: Path, args: list[str], env: dict[str, str], needle: str
+) -> None:
+    base = chat_env(tmp_path)
+    base.update(env)
+    result = run_cli(args, base, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert needle in lines[0]
+    assert "hunter2" not in result.stderr and "xoxb-secret-token" not in result.stderr
