@@ -79,6 +79,8 @@ class DiscordAdapter:
         self._gateway: asyncio.Task[None] | None = None
         self._handler: Handler | None = None
         self._answers: set[asyncio.Task[None]] = set()
+        # user message id -> the task answering it, so deleting the question cancels the answer
+        self._answering: dict[int, asyncio.Task[None]] = {}
         self._endpoints = ExitStack()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -172,7 +174,14 @@ class DiscordAdapter:
         if asks_reset(incoming.text) and not may_reset_by_message(message, self._settings.discord_admin_ids):
             self._spawn_task(reply.finish(RESET_REFUSAL), f"discord-refusal-{message.id}")
             return
-        self._spawn(incoming, reply)
+        task = self._spawn(incoming, reply)
+        self._answering[message.id] = task
+        task.add_done_callback(lambda _: self._answering.pop(message.id, None))
+
+    async def _on_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
+        task = self._answering.get(payload.message_id)
+        if task is not None:  # the question is gone: stop writing its answer
+            task.cancel()
 
     # -- internals -------------------------------------------------------------------------
     def _new_client(self) -> discord.Client:
@@ -189,7 +198,11 @@ class DiscordAdapter:
         async def on_message(message: discord.Message) -> None:
             await self._on_message(message)
 
+        async def on_raw_message_delete(payload: discord.RawMessageDeleteEvent) -> None:
+            await self._on_message_delete(payload)
+
         client.event(on_message)
+        client.event(on_raw_message_delete)
         return client
 
     async def _login(self, client: discord.Client) -> None:
@@ -217,13 +230,14 @@ class DiscordAdapter:
         reason = f": {error}" if error else f" within {self._ready_timeout:g} s"
         raise ConfigError(f"cannot connect to the Discord gateway {DiscordWebSocket.DEFAULT_GATEWAY}{reason}")
 
-    def _spawn(self, message: IncomingMessage, reply: DiscordReply) -> None:
-        self._spawn_task(self._deliver(message, reply), f"discord-{message.event_id}")
+    def _spawn(self, message: IncomingMessage, reply: DiscordReply) -> asyncio.Task[None]:
+        return self._spawn_task(self._deliver(message, reply), f"discord-{message.event_id}")
 
-    def _spawn_task(self, work: Coroutine[Any, Any, None], name: str) -> None:
+    def _spawn_task(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.create_task(work, name=name)
         self._answers.add(task)
         task.add_done_callback(self._answer_done)
+        return task
 
     async def _deliver(self, message: IncomingMessage, reply: DiscordReply) -> None:
         assert self._handler is not None

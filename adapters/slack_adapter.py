@@ -28,6 +28,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from adapters.slack_events import (
     PLATFORM,
     command_message,
+    deleted_message,
     mentioned_users,
     parse_command,
     to_message,
@@ -94,6 +95,8 @@ class SlackAdapter:
         self._bot_user_id = ""
         self._names: dict[str, str] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # (channel, message ts) -> the task answering it, so deleting the question cancels it.
+        self._answering: dict[tuple[str, str], asyncio.Task[Any]] = {}
         self._socket: AsyncSocketModeHandler | None = None
         if not self._socket_mode and http_app is not None:
             http_app.router.add_post(EVENTS_PATH, self._on_http)
@@ -184,6 +187,12 @@ class SlackAdapter:
     # --- background delivery -------------------------------------------------------------------
 
     async def _deliver_event(self, body: Mapping[str, Any]) -> None:
+        deleted = deleted_message(body)
+        if deleted is not None:
+            task = self._answering.get(deleted)
+            if task is not None:  # the question is gone: stop writing its answer
+                task.cancel()
+            return
         follow = self._settings.slack_thread_followups
         if to_message(body, self._bot_user_id, {}, thread_followups=follow) is None:
             return
@@ -192,7 +201,14 @@ class SlackAdapter:
         message = to_message(body, self._bot_user_id, names, thread_followups=follow)
         if message is not None:
             channel, thread_ts = message.raw["channel"], message.raw["thread_ts"]
-            await self._handle(message, self._reply(channel, thread_ts))
+            key = (channel, str(event.get("ts")))
+            task = asyncio.current_task()
+            if task is not None:
+                self._answering[key] = task
+            try:
+                await self._handle(message, self._reply(channel, thread_ts))
+            finally:
+                self._answering.pop(key, None)
 
     async def _deliver_command(self, body: Mapping[str, Any], respond: Respond) -> None:
         command, prompt = parse_command(str(body.get("text") or ""))

@@ -58,6 +58,15 @@ def is_user_text(event: Mapping[str, Any], bot_user_id: str) -> bool:
     return isinstance(user, str) and bool(user) and user != bot_user_id
 
 
+def deleted_message(body: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(channel, ts) of the user message a ``message_deleted`` event removes, else None."""
+    event = body.get("event")
+    if not isinstance(event, Mapping) or event.get("subtype") != "message_deleted":
+        return None
+    channel, ts = event.get("channel"), event.get("deleted_ts")
+    return (channel, ts) if isinstance(channel, str) and isinstance(ts, str) else None
+
+
 def to_message(
     body: Mapping[str, Any],
     bot_user_id: str,

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 from adapters.discord_adapter import RESET_REFUSAL
 from adapters.discord_reply import PLACEHOLDER
 from adapters.text import split_message
 from bot.core import RESET_TEXT
+from bot.events import ChannelRef
 from bot.generation import GenerationRequest
-from tests.adapters.discord.fake_discord import BOT_ID, FakeDiscord, Posted
+from tests.adapters.discord.fake_discord import BOT_ID, GUILD_ID, FakeDiscord, Posted
 from tests.support import ScriptedGenerator
 
 
@@ -160,3 +162,18 @@ async def test_no_send_or_edit_can_ping_anyone(fake: FakeDiscord, running) -> No
     }
     assert fake.mention_leaks() == []
     assert "@everyone" in fake.originals[interaction.token].content  # the text itself is kept
+
+
+async def test_deleting_the_question_cancels_its_answer(fake: FakeDiscord, running) -> None:
+    channel = fake.add_channel()
+    generator = ScriptedGenerator(lambda request: "w " * 2000, token_delay=0.005)
+    async with running(generator, **LONG) as (_, stack):
+        question = await fake.user_message(channel, f"<@{BOT_ID}> never mind", mentions=(BOT_ID,))
+        assert await asyncio.to_thread(generator.started.wait, 10)
+        await fake.dispatch(
+            "MESSAGE_DELETE", {"id": str(question), "channel_id": str(channel), "guild_id": str(GUILD_ID)}
+        )
+        await fake.wait_for(
+            lambda: (replies := fake.replies_to(question)) and "cancelled" in replies[-1].content
+        )
+        assert await stack.storage.recent_turns(ChannelRef("discord", str(channel)), 5) == []

@@ -25,6 +25,7 @@ from adapters import slack_adapter
 from adapters.slack_adapter import SLASH_COMMAND, SlackAdapter
 from adapters.slack_reply import MESSAGE_BYTES, PLACEHOLDER, escape
 from bot.config import ConfigError
+from bot.events import ChannelRef
 from bot.generation import GenerationRequest
 from tests.adapters.slack.fake_slack import (
     BOT_TOKEN,
@@ -34,6 +35,7 @@ from tests.adapters.slack.fake_slack import (
     event_body,
     mention,
     message,
+    new_ts,
     sign,
 )
 from tests.adapters.slack.harness import SlackRig, slack_rig
@@ -552,3 +554,27 @@ def test_the_manifest_grants_what_the_adapter_uses() -> None:
     }
     assert [c["command"] for c in manifest["features"]["slash_commands"]] == [SLASH_COMMAND]
     assert manifest["features"]["app_home"]["messages_tab_enabled"] is True
+
+
+async def test_deleting_the_question_cancels_its_answer(tmp_path: Path, fake: FakeSlack) -> None:
+    generator = ScriptedGenerator(lambda request: "w " * 2000, token_delay=0.005)
+    async with slack_rig(tmp_path, fake, generator) as rig:
+        event = mention("never mind")
+        await deliver(rig, event_body(event))
+        assert await asyncio.to_thread(generator.started.wait, 10)
+        deleted = {
+            "type": "message",
+            "subtype": "message_deleted",
+            "channel": "C1",
+            "deleted_ts": event["ts"],
+            "hidden": True,
+            "ts": new_ts(),
+        }
+        await deliver(rig, event_body(deleted))
+        for _ in range(200):
+            texts = fake.thread_text("C1", event["ts"])
+            if texts and "cancelled" in texts[-1]:
+                break
+            await asyncio.sleep(0.02)
+        assert "cancelled" in fake.thread_text("C1", event["ts"])[-1]
+        assert await rig.stack.storage.recent_turns(ChannelRef("slack", "C1", event["ts"]), 5) == []
