@@ -29,7 +29,8 @@ from bench.bandwidth import measure_read_bandwidth  # noqa: E402
 from bot.model.generate import decode_one_token, prefill  # noqa: E402
 from bot.model.loader import load_model  # noqa: E402
 from bot.model.model import ChatGLM2, RMSNorm  # noqa: E402
-from bot.model.quant import Int4Linear  # noqa: E402
+from bot.model.kernels import vnni  # noqa: E402
+from bot.model.quant import Int4Linear, int4_backends  # noqa: E402
 
 DEFAULT_MODEL = Path.home() / ".cache" / "chatglm-bot" / "bench" / "int4"
 
@@ -40,8 +41,10 @@ def bytes_per_token(model: ChatGLM2, context: int) -> int:
     total = 0
     for module in model.modules():
         if isinstance(module, Int4Linear):
-            packed = module.packed_cpu
-            if packed is not None:
+            packed, vnni_packed = module.packed_cpu, module.packed_vnni
+            if vnni_packed is not None:
+                total += vnni_packed.packed.nbytes + vnni_packed.scale.nbytes
+            elif packed is not None:
                 total += packed.weight.nbytes + packed.scales_and_zeros.nbytes
             else:
                 total += module.weight.nbytes + module.weight_scale.nbytes
@@ -62,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
+    parser.add_argument("--int4-kernel", default="auto", choices=("auto", "vnni", "torch"))
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--bandwidth-mb", type=int, default=1024, help="buffer of the bandwidth probe")
@@ -70,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     started = time.perf_counter()
-    model, tokenizer, _ = load_model(args.model, dtype=args.dtype, device="cpu")
+    model, tokenizer, _ = load_model(
+        args.model, dtype=args.dtype, device="cpu", int4_kernel=args.int4_kernel
+    )
     load_s = time.perf_counter() - started
     rss_after_load = peak_rss_gb()
     context = args.prompt_tokens + args.new_tokens
@@ -99,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         "model": str(args.model),
         "threads": args.threads,
         "dtype": str(model.compute_dtype).removeprefix("torch."),
+        "int4_backend": ", ".join(int4_backends(model)),
+        "vnni_kernel": vnni.backend_name(),
         "load_s": round(load_s, 2),
         "peak_rss_gb_after_load": round(rss_after_load, 2),
         "peak_rss_gb": round(rss_after_decode, 2),

@@ -1,5 +1,19 @@
-"""``ChatGLM2Generator``: the bot's ``Generator`` over the native engine (official chat prompt,
-sampling defaults, ``process_response``).
+"""``ChatGLM2Generator``: the bot's ``BatchGenerator`` over the native engine (official chat prompt,
+sampling defaults, ``process_response``), with batched decoding and prefix KV reuse.
+
+Batching: each request owns one row of the model's KV cache (``max_batch_size`` rows). ``begin``
+prefills a request into a free row; ``step`` samples every running row with its own parameters and then
+runs ONE forward over rows ``0 .. top`` at each row's own position; ``finish`` frees the row. A row that
+is not advancing in a step (free, or already done) gets a dummy token written at its next free slot,
+which is never read and is overwritten by that row's next real token, so it needs no masking.
+
+Prefix reuse: when a turn of a conversation ends, its row's KV is copied into a ``PrefixCache`` keyed
+by ``GenerationRequest.conversation``. The next turn copies back the longest common prefix of the
+cached ids and its prompt ids (KV at position t depends only on ids 0..t, so this is exact) and
+prefills only the rest; a trimmed or edited history simply shares less (often only ``[gMASK] sop``).
+Re-encoding the answer text rarely gives back the sampled ids (the first answer token, and any
+non-canonical split), so ``finish`` first prefills the canonical ids of "prompt + answer + next round
+header" into the row: that work happens after the answer is streamed, not before the next answer.
 
 Streaming and ``process_response`` (strip + placeholder fill): deltas are released only where the
 final text cannot change them. Leading whitespace is dropped, trailing whitespace and a trailing
@@ -9,22 +23,28 @@ always concatenate to exactly the returned ``process_response(decode(ids))``.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from bot.generation import GenerationRequest, GenerationResult, Turn
+from bot.generation import DecodeState, GenerationRequest, GenerationResult, Turn
 from bot.model.config import ChatGLM2Config
-from bot.model.generate import MAX_LENGTH, GenerationOutput, SamplingParams, generate
+from bot.model.generate import MAX_LENGTH, GenerationOutput, SamplingParams, next_token
 from bot.model.loader import load_model
 from bot.model.model import ChatGLM2
-from bot.model.tokenizer import ChatGLMTokenizer, process_response
+from bot.model.prefix_cache import CachedPrefix, PrefixCache, common_prefix_length
+from bot.model.tokenizer import ChatGLMTokenizer, StreamDecoder, process_response
+
+log = logging.getLogger(__name__)
 
 _PLACEHOLDER = "[[训练时间]]"
+_MB = 1 << 20
 
 
 class ResponseStreamer:
@@ -70,13 +90,57 @@ class ChatRun:
     text: str
 
 
+@dataclass(eq=False)
+class ChatState:
+    """One request in the batch (a ``DecodeState``)."""
+
+    request: GenerationRequest
+    on_text: Callable[[str], None]
+    should_stop: Callable[[], bool]
+    row: int
+    prompt_ids: list[int]
+    ids: list[int]  # the ids whose KV is in the row: slot i holds ids[i]
+    budget: int  # most new tokens (max_new_tokens, capped by the context limit)
+    sampling: SamplingParams
+    rng: torch.Generator | None
+    logits: torch.Tensor  # raw logits [V] for the next token
+    first_logits: torch.Tensor  # float32 copy of the prefill's logits
+    reused: int  # prompt tokens whose KV came from the prefix cache
+    prefill_s: float
+    decoder: StreamDecoder
+    streamer: ResponseStreamer = field(default_factory=ResponseStreamer)
+    tokens: list[int] = field(default_factory=list)  # sampled ids, a final eos included
+    decode_s: float = 0.0
+    stopped: bool = False
+    ended: bool = False
+    released: bool = False
+
+    @property
+    def done(self) -> bool:
+        return self.ended
+
+
 class ChatGLM2Generator:
-    def __init__(self, model: ChatGLM2, tokenizer: ChatGLMTokenizer, config: ChatGLM2Config) -> None:
+    def __init__(
+        self,
+        model: ChatGLM2,
+        tokenizer: ChatGLMTokenizer,
+        config: ChatGLM2Config,
+        *,
+        max_batch_size: int = 8,
+        prefix_cache_mb: int = 1024,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
         self.load_s = 0.0
+        self.prefix_cache = PrefixCache(prefix_cache_mb * _MB)
+        self._max_batch_size = max_batch_size
+        self._rows: dict[int, ChatState] = {}  # row -> the state that owns it
         self._lock = threading.Lock()  # generate is single-threaded by contract; this makes misuse safe
+        model.setup_caches(max_batch_size, self.max_context_tokens)
 
     @classmethod
     def load(
@@ -86,11 +150,18 @@ class ChatGLM2Generator:
         dtype: str = "auto",
         device: str = "auto",
         num_threads: int = 0,
+        max_batch_size: int = 8,
+        prefix_cache_mb: int = 1024,
+        **load_kwargs: Any,
     ) -> ChatGLM2Generator:
+        """Load a checkpoint; ``load_kwargs`` go to ``load_model``."""
         if num_threads > 0:
             torch.set_num_threads(num_threads)
         started = time.perf_counter()
-        generator = cls(*load_model(path, dtype=dtype, device=device))
+        model, tokenizer, config = load_model(path, dtype=dtype, device=device, **load_kwargs)
+        generator = cls(
+            model, tokenizer, config, max_batch_size=max_batch_size, prefix_cache_mb=prefix_cache_mb
+        )
         generator.load_s = time.perf_counter() - started
         return generator
 
@@ -98,59 +169,135 @@ class ChatGLM2Generator:
     def max_context_tokens(self) -> int:
         return min(self.config.seq_length, MAX_LENGTH)
 
+    @property
+    def max_batch_size(self) -> int:
+        return self._max_batch_size
+
+    @property
+    def in_use_rows(self) -> int:
+        """Cache rows held by begun, not yet finished requests."""
+        return len(self._rows)
+
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False))
 
     def prompt_tokens(self, query: str, history: Sequence[Turn]) -> int:
         return len(self.tokenizer.build_chat_input(query, history))
 
+    # -- BatchGenerator ------------------------------------------------------------------------
+    def begin(
+        self,
+        request: GenerationRequest,
+        on_text: Callable[[str], None],
+        should_stop: Callable[[], bool],
+    ) -> ChatState:
+        """Prefill ``request`` into a free cache row, reusing its conversation's kept KV."""
+        params = request.params
+        if params.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
+        sampling = SamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
+        prompt = self.tokenizer.build_chat_input(request.query, request.history)
+        limit = self.max_context_tokens
+        if len(prompt) >= limit:
+            raise ValueError(f"prompt is {len(prompt)} tokens; the model accepts {limit} in total")
+        free = [row for row in range(self._max_batch_size) if row not in self._rows]
+        if not free:
+            raise RuntimeError(f"all {self._max_batch_size} batch rows are in use")
+        row = free[0]  # the lowest free row keeps the decode forward's rows 0..top compact
+        rng = None
+        if params.seed is not None:
+            rng = torch.Generator(device=self.model.device).manual_seed(params.seed)
+        cached = self.prefix_cache.take(request.conversation) if request.conversation else None
+        started = time.perf_counter()
+        try:
+            reused = 0
+            if cached is not None:
+                # At least one prompt token is prefilled: its logits give the first new token.
+                reused = min(common_prefix_length(cached.ids, prompt), len(prompt) - 1)
+                if reused:
+                    self.model.write_kv(row, cached.kv[:, :, :, :reused])
+            logits = self._prefill(row, prompt, reused)
+        except BaseException:
+            if cached is not None:
+                self.prefix_cache.put(request.conversation, cached)
+            raise
+        state = ChatState(
+            request=request,
+            on_text=on_text,
+            should_stop=should_stop,
+            row=row,
+            prompt_ids=prompt,
+            ids=list(prompt),
+            budget=min(params.max_new_tokens, limit - len(prompt)),
+            sampling=sampling,
+            rng=rng,
+            logits=logits,
+            first_logits=logits.float().cpu(),
+            reused=reused,
+            prefill_s=time.perf_counter() - started,
+            decoder=self.tokenizer.stream_decoder(),
+        )
+        self._rows[row] = state
+        return state
+
+    def step(self, states: Sequence[DecodeState]) -> None:
+        """Sample one token for every running state, then one forward for those that go on."""
+        started = time.perf_counter()
+        advancing = [state for state in map(self._own, states) if not state.done and self._sample(state)]
+        if advancing:
+            top = max(state.row for state in advancing) + 1
+            ids = torch.zeros((top, 1), dtype=torch.long)
+            positions = torch.zeros((top, 1), dtype=torch.long)
+            for row in range(top):
+                occupant = self._rows.get(row)
+                if occupant is not None:  # its next free slot: written with a dummy unless it advances
+                    positions[row, 0] = len(occupant.ids)
+            for state in advancing:
+                ids[state.row, 0] = state.tokens[-1]
+            device = self.model.device
+            with torch.inference_mode():
+                logits = self.model(ids.to(device), positions.to(device), last_only=True)
+            for state in advancing:
+                state.logits = logits[state.row, -1]
+                state.ids.append(state.tokens[-1])
+        elapsed = time.perf_counter() - started
+        for state in advancing:
+            state.decode_s += elapsed
+
+    def finish(self, state: DecodeState) -> GenerationResult:
+        """Flush the text, keep the conversation's KV, free the row."""
+        own = self._own(state)
+        try:
+            tail = own.streamer.push(own.decoder.flush()) + own.streamer.finish()
+            if tail:
+                own.on_text(tail)
+            if own.request.conversation and self.prefix_cache.max_bytes > 0:
+                self._keep_prefix(own)
+        finally:
+            own.released = True
+            del self._rows[own.row]
+        tokens = own.tokens
+        eos = 1 if tokens and tokens[-1] == self.tokenizer.eos_id else 0
+        return GenerationResult(
+            text=own.streamer.text,
+            prompt_tokens=len(own.prompt_ids),
+            new_tokens=len(tokens) - eos,
+            stopped=own.stopped,
+        )
+
+    # -- one request at a time -----------------------------------------------------------------
     def run(
         self,
         request: GenerationRequest,
         on_text: Callable[[str], None],
         should_stop: Callable[[], bool],
     ) -> ChatRun:
-        """Generate the answer; ``on_text`` gets deltas of the final (processed) text."""
-        params = request.params
-        if params.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
-        prompt = self.tokenizer.build_chat_input(request.query, request.history)
-        if len(prompt) >= self.max_context_tokens:
-            raise ValueError(
-                f"prompt is {len(prompt)} tokens; the model accepts {self.max_context_tokens} in total"
-            )
-        rng = None
-        if params.seed is not None:
-            rng = torch.Generator(device=self.model.device).manual_seed(params.seed)
-        decoder = self.tokenizer.stream_decoder()
-        streamer = ResponseStreamer()
-
-        def on_token(token: int) -> None:
-            if token == self.tokenizer.eos_id:
-                return
-            delta = streamer.push(decoder.push(token))
-            if delta:
-                on_text(delta)
-
-        sampling = SamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
-        with self._lock:
-            output = generate(
-                self.model,
-                prompt,
-                max_new_tokens=params.max_new_tokens,
-                eos_id=self.tokenizer.eos_id,
-                vocab_size=self.tokenizer.vocab_size,
-                params=sampling,
-                generator=rng,
-                on_token=on_token,
-                should_stop=should_stop,
-                max_length=self.max_context_tokens,
-            )
-        streamer.push(decoder.flush())
-        tail = streamer.finish()
-        if tail:
-            on_text(tail)
-        return ChatRun(prompt, output, streamer.text)
+        """Generate the answer alone; ``on_text`` gets deltas of the final (processed) text."""
+        state, result = self._run_alone(request, on_text, should_stop)
+        output = GenerationOutput(
+            state.tokens, state.stopped, state.first_logits, state.prefill_s, state.decode_s
+        )
+        return ChatRun(state.prompt_ids, output, result.text)
 
     def generate(
         self,
@@ -158,12 +305,74 @@ class ChatGLM2Generator:
         on_text: Callable[[str], None],
         should_stop: Callable[[], bool],
     ) -> GenerationResult:
-        result = self.run(request, on_text, should_stop)
-        tokens = result.output.tokens
-        new_tokens = len(tokens) - (1 if tokens and tokens[-1] == self.tokenizer.eos_id else 0)
-        return GenerationResult(
-            text=result.text,
-            prompt_tokens=len(result.prompt_ids),
-            new_tokens=new_tokens,
-            stopped=result.output.stopped,
-        )
+        return self._run_alone(request, on_text, should_stop)[1]
+
+    # -- internals -----------------------------------------------------------------------------
+    def _run_alone(
+        self,
+        request: GenerationRequest,
+        on_text: Callable[[str], None],
+        should_stop: Callable[[], bool],
+    ) -> tuple[ChatState, GenerationResult]:
+        with self._lock:
+            state = self.begin(request, on_text, should_stop)
+            try:
+                while not state.done:
+                    self.step([state])
+            except BaseException:
+                self.finish(state)
+                raise
+            return state, self.finish(state)
+
+    def _own(self, state: DecodeState) -> ChatState:
+        if not isinstance(state, ChatState) or state.released or self._rows.get(state.row) is not state:
+            raise ValueError("not a running state of this generator")
+        return state
+
+    def _prefill(self, row: int, ids: Sequence[int], start: int) -> torch.Tensor:
+        """Run ``ids[start:]`` at positions ``start..`` in ``row`` -> raw logits [V] of the last one."""
+        device = self.model.device
+        with torch.inference_mode():
+            tokens = torch.tensor(list(ids[start:]), device=device)[None]
+            positions = torch.arange(start, len(ids), device=device)
+            logits: torch.Tensor = self.model(tokens, positions, last_only=True, first_row=row)
+        return logits[0, -1]
+
+    def _sample(self, state: ChatState) -> bool:
+        """Sample and stream ``state``'s next token; True when it needs a forward to go on."""
+        if state.should_stop():
+            state.stopped = state.ended = True
+            return False
+        token = next_token(state.logits, self.tokenizer.vocab_size, state.sampling, state.rng)
+        state.tokens.append(token)
+        if token == self.tokenizer.eos_id:
+            state.ended = True
+            return False
+        delta = state.streamer.push(state.decoder.push(token))
+        if delta:
+            state.on_text(delta)
+        if len(state.tokens) >= state.budget:
+            state.ended = True
+            return False
+        return True
+
+    def _keep_prefix(self, state: ChatState) -> None:
+        """Store the row's KV for the conversation's next turn (an optimisation: failures are logged)."""
+        ids = state.ids
+        try:
+            if not state.stopped:
+                target = self.tokenizer.encode(self._next_turn_text(state.request, state.streamer.text))
+                start = common_prefix_length(ids, target)
+                if start < len(target) < self.max_context_tokens:
+                    self._prefill(state.row, target, start)
+                    ids = target
+            kv = self.model.read_kv(state.row, len(ids))
+            self.prefix_cache.put(state.request.conversation, CachedPrefix(tuple(ids), kv))
+        except Exception:
+            log.exception("keeping the conversation's KV cache failed")
+
+    def _next_turn_text(self, request: GenerationRequest, answer: str) -> str:
+        """The text every next prompt of this conversation starts with: this turn's prompt, the
+        answer and the next round's header up to its (unknown) query."""
+        prompt = self.tokenizer.build_prompt("", (*request.history, (request.query, answer)))
+        return prompt.removesuffix("\n\n答：")

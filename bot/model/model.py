@@ -7,7 +7,9 @@ groups, D head dim, C hidden size.
 
 The KV cache is written by position (slot == position), and ``forward`` takes a position per token and
 row (``input_pos [B, S]``; ``[S]`` is shared by all rows). Attention masks key slot ``t`` for a query at
-position ``p`` unless ``t <= p``, so rows at different positions can decode together.
+position ``p`` unless ``t <= p``, so rows at different positions can decode together. ``first_row``
+picks which cache rows a forward uses (rows ``first_row .. first_row + B - 1``), so one request can be
+prefilled into its own row while other rows hold other requests.
 """
 
 from __future__ import annotations
@@ -49,11 +51,13 @@ class KVCache(nn.Module):
     v_cache: torch.Tensor
 
     def update(
-        self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+        self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first_row: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write ``k, v [B, G, S, D]`` at ``input_pos [B, S]``; return the first B rows of the cache."""
+        """Write ``k, v [B, G, S, D]`` at ``input_pos [B, S]`` into rows ``first_row ..``; return those
+        B rows of the cache (views, no copy)."""
         batch = k.shape[0]
-        k_out, v_out = self.k_cache[:batch], self.v_cache[:batch]
+        rows_used = slice(first_row, first_row + batch)
+        k_out, v_out = self.k_cache[rows_used], self.v_cache[rows_used]
         if batch == 1 or bool((input_pos == input_pos[:1]).all()):
             k_out.index_copy_(2, input_pos[0], k)
             v_out.index_copy_(2, input_pos[0], v)
@@ -99,7 +103,12 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(
-        self, x: torch.Tensor, rope: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor,
+        input_pos: torch.Tensor,
+        mask: torch.Tensor,
+        first_row: int = 0,
     ) -> torch.Tensor:
         batch, seq, _ = x.shape  # [B, S, C]
         qkv = self.query_key_value(x)
@@ -110,7 +119,7 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H|G, S, D]
         if self.kv_cache is None:
             raise RuntimeError("call setup_caches() before forward()")
-        k_all, v_all = self.kv_cache.update(input_pos, k, v)  # [B, G, T, D]
+        k_all, v_all = self.kv_cache.update(input_pos, k, v, first_row)  # [B, G, T, D]
         length = mask.shape[-1]  # only the slots any query can see
         out = F.scaled_dot_product_attention(
             q, k_all[:, :, :length], v_all[:, :, :length], attn_mask=mask, enable_gqa=True
@@ -143,9 +152,14 @@ class Block(nn.Module):
         self.mlp = MLP(config, dtype)
 
     def forward(
-        self, x: torch.Tensor, rope: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor,
+        input_pos: torch.Tensor,
+        mask: torch.Tensor,
+        first_row: int = 0,
     ) -> torch.Tensor:
-        x = x + self.self_attention(self.input_layernorm(x), rope, input_pos, mask)
+        x = x + self.self_attention(self.input_layernorm(x), rope, input_pos, mask, first_row)
         mlp_out: torch.Tensor = self.mlp(self.post_attention_layernorm(x))
         return x + mlp_out
 
@@ -209,15 +223,23 @@ class ChatGLM2(nn.Module):
         return [layer for layer in self.transformer.encoder.layers if isinstance(layer, Block)]
 
     def forward(
-        self, input_ids: torch.Tensor, input_pos: torch.Tensor, *, last_only: bool = False
+        self,
+        input_ids: torch.Tensor,
+        input_pos: torch.Tensor,
+        *,
+        last_only: bool = False,
+        first_row: int = 0,
     ) -> torch.Tensor:
-        """input_ids [B, S], input_pos [S] or [B, S] -> float32 logits [B, S, V] ([B, 1, V] if last_only)."""
+        """input_ids [B, S], input_pos [S] or [B, S] -> float32 logits [B, S, V] ([B, 1, V] if last_only).
+
+        Uses cache rows ``first_row .. first_row + B - 1``."""
         batch, seq = input_ids.shape
         if input_pos.dim() == 1:
             input_pos = input_pos.expand(batch, seq)
-        if batch > self.max_batch or int(input_pos.max()) >= self.max_seq_len:
+        last = int(input_pos.max())
+        if first_row < 0 or first_row + batch > self.max_batch or last >= self.max_seq_len:
             raise ValueError(
-                f"batch {batch} / position {int(input_pos.max())} exceed the caches "
+                f"rows {first_row}..{first_row + batch - 1} / position {last} exceed the caches "
                 f"({self.max_batch} x {self.max_seq_len}); call setup_caches() with larger sizes"
             )
         dtype = self.rope.dtype
@@ -227,9 +249,34 @@ class ChatGLM2(nn.Module):
         rope = self.rope[input_pos]  # [B, S, R/2, 2]
         x = self.transformer.embedding.word_embeddings(input_ids).to(dtype)  # [B, S, C]
         for block in self.blocks:
-            x = block(x, rope, input_pos, mask)
+            x = block(x, rope, input_pos, mask, first_row)
         if last_only:
             x = x[:, -1:]
         x = self.transformer.encoder.final_layernorm(x)
         logits: torch.Tensor = self.transformer.output_layer(x)
         return logits.float()  # [B, S, V]
+
+    def read_kv(self, row: int, length: int) -> torch.Tensor:
+        """A copy of cache row ``row``'s first ``length`` slots: ``[L, 2 (k, v), G, length, D]``."""
+        return torch.stack(
+            [
+                torch.stack((cache.k_cache[row, :, :length], cache.v_cache[row, :, :length]))
+                for cache in self._caches()
+            ]
+        )
+
+    def write_kv(self, row: int, kv: torch.Tensor) -> None:
+        """Copy ``kv [L, 2, G, T, D]`` (from ``read_kv``) into slots ``0 .. T-1`` of cache row ``row``."""
+        length = kv.shape[3]
+        for cache, layer in zip(self._caches(), kv, strict=True):
+            cache.k_cache[row, :, :length].copy_(layer[0])
+            cache.v_cache[row, :, :length].copy_(layer[1])
+
+    def _caches(self) -> list[KVCache]:
+        caches = []
+        for block in self.blocks:
+            cache = block.self_attention.kv_cache
+            if cache is None:
+                raise RuntimeError("call setup_caches() first")
+            caches.append(cache)
+        return caches

@@ -15,12 +15,16 @@ Runtime (``Int4Linear.prepare``), chosen by compute dtype, measured on this 2-co
   slower at every token count (~940 ms for 64 tokens) and ``_weight_int8pack_mm`` was 4x slower for
   one token, so neither is used. The kernel needs out_features % 16 == 0 and in_features % 32 == 0;
   other shapes use the dequantizing path.
+* bfloat16 activations with the AVX512-VNNI kernel (``bot.model.kernels.vnni``, chosen by the loader):
+  int8-quantized activations x int4 weights, at every token count. Measured (bench/kernel.py, 28
+  layers): one token ~72-90 ms vs ~146 ms for the int4pack kernel below, 64 tokens ~1.0 s vs ~4.2 s
+  (int4pack) and ~2.0 s (bf16 GEMM on dequantized weights). The activation rounding is the price:
+  ~0.5 % relative per matmul (tests/model/test_fast_path.py bounds it).
 * float32 activations: the exact reference ``x @ (q * scale).T`` in float32, which is what the
   official CPU int4 path computes (the packed kernel with fp32 activations is ~30x slower).
 * CUDA (written, not exercised here: no GPU): dequantize to the activation dtype (fp16) per call and
   use cuBLAS, which is what the official GPU path does too (cpm_kernels extracts the fp16 weight, then
   a matmul), so no cpm_kernels dependency is needed.
-A faster backend (e.g. a compiled kernel) replaces ``int4_matmul``.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from bot.model.kernels import vnni
 
 _GROUP_SIZES = (128, 256, 64, 32)  # preference order for the packed kernel (128 measured fastest)
 _ROW_MULTIPLE = 16  # the packed kernel needs out_features divisible by 16
@@ -43,10 +49,34 @@ def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(
             f"int4 quantization needs a 2-D weight with an even column count, got {weight.shape}"
         )
-    w16 = weight.to(torch.float16)
-    scale = w16.abs().max(dim=-1).values / 7  # fp16 math, as the official code
-    q = torch.round(w16 / scale[:, None]).nan_to_num_(0.0).to(torch.int8)  # an all-zero row: 0/0 -> 0
-    return pack_int4(q), scale
+    packed = torch.empty(weight.shape[0], weight.shape[1] // 2, dtype=torch.int8)
+    scale = torch.empty(weight.shape[0], dtype=torch.float16)
+    for start in range(0, weight.shape[0], _PACK_CHUNK_ROWS):  # rows at a time: bounded temporaries
+        stop = start + _PACK_CHUNK_ROWS
+        w16 = weight[start:stop].to(torch.float16)
+        scale[start:stop] = w16.abs().max(dim=-1).values / 7  # fp16 math, as the official code
+        q = torch.round(w16 / scale[start:stop, None]).nan_to_num_(0.0).to(torch.int8)  # 0/0 -> 0
+        packed[start:stop] = pack_int4(q)
+    return packed, scale
+
+
+def quantize_int4_terms(weight: torch.Tensor, terms: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight`` as a sum of ``terms`` int4 matrices, stacked by rows: (int8 ``[terms*out, in/2]``,
+    fp16 scale ``[terms*out]``). The first term is ``quantize_int4(weight)``; each next one quantizes
+    what the previous ones left out. One per-row int4 term moves a weight by up to half a step
+    (max|w| / 14, ~10 % of a row's spread); two terms shrink that ~14x, to about int8 precision, at
+    twice the int4 bytes (still half of bf16). For the output layer, whose errors go straight into
+    the logits."""
+    rows, columns = weight.shape
+    packed = torch.empty(terms, rows, columns // 2, dtype=torch.int8)
+    scale = torch.empty(terms, rows, dtype=torch.float16)
+    for start in range(0, rows, _PACK_CHUNK_ROWS):  # a chunk of rows at a time: bounded temporaries
+        stop = start + _PACK_CHUNK_ROWS
+        residual = weight[start:stop].to(torch.float32, copy=True)
+        for term in range(terms):
+            packed[term, start:stop], scale[term, start:stop] = quantize_int4(residual)
+            residual -= dequantize_int4(packed[term, start:stop], scale[term, start:stop], torch.float32)
+    return packed.view(terms * rows, columns // 2), scale.view(terms * rows)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -135,6 +165,8 @@ class PackedInt4Cpu:
 
 def int4_matmul(x: torch.Tensor, layer: Int4Linear) -> torch.Tensor:
     """``x @ (q * scale).T`` (no bias), through the fastest backend prepared for ``layer``."""
+    if layer.packed_vnni is not None:
+        return vnni.int4_linear(x, layer.packed_vnni)
     packed = layer.packed_cpu
     if packed is not None:
         return packed.matmul(x.to(packed.scales_and_zeros.dtype)).to(x.dtype)
@@ -143,68 +175,117 @@ def int4_matmul(x: torch.Tensor, layer: Int4Linear) -> torch.Tensor:
 
 
 class Int4Linear(nn.Module):
-    """Drop-in for a bias-optional ``nn.Linear`` holding the official int4 tensors (same state-dict names)."""
+    """Drop-in for a bias-optional ``nn.Linear`` holding the official int4 tensors (same state-dict names).
+
+    ``terms`` > 1 holds the weight as a sum of that many int4 matrices stacked by rows (see
+    ``quantize_int4_terms``); the matmul computes all of them at once and adds the row blocks."""
 
     def __init__(
-        self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device: Any = None
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        dtype: torch.dtype,
+        device: Any = None,
+        terms: int = 1,
     ) -> None:
         super().__init__()
         if in_features % 2:
             raise ValueError(f"int4 layers need an even in_features, got {in_features}")
+        if terms < 1:
+            raise ValueError(f"terms must be >= 1, got {terms}")
         self.in_features = in_features
         self.out_features = out_features
-        self.register_buffer(
-            "weight", torch.empty(out_features, in_features // 2, dtype=torch.int8, device=device)
-        )
-        self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float16, device=device))
+        self.terms = terms
+        rows = terms * out_features
+        self.register_buffer("weight", torch.empty(rows, in_features // 2, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.empty(rows, dtype=torch.float16, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
         self.packed_cpu: PackedInt4Cpu | None = None
+        self.packed_vnni: vnni.PackedInt4 | None = None
 
     weight: torch.Tensor
     weight_scale: torch.Tensor
 
-    def prepare(self, dtype: torch.dtype, release: Callable[[torch.Tensor], None] | None = None) -> None:
-        """Convert once for ``dtype`` activations (after the checkpoint tensors are loaded). The packed
-        CPU backend then drops the official tensors (they would double the weight memory), passing the
-        packed int8 one to ``release`` first."""
+    @property
+    def backend(self) -> str:
+        if self.packed_vnni is not None:
+            return "vnni"
+        return "packed-cpu" if self.packed_cpu is not None else "dequantize"
+
+    def prepare(
+        self,
+        dtype: torch.dtype,
+        release: Callable[[torch.Tensor], None] | None = None,
+        *,
+        use_vnni: bool = False,
+    ) -> None:
+        """Convert once for ``dtype`` activations (after the checkpoint tensors are loaded). A packed
+        backend then drops the official tensors (they would double the weight memory), passing the
+        packed int8 one to ``release`` first. ``use_vnni`` (the caller checked ``vnni.available()``)
+        picks the VNNI kernel for bfloat16 CPU activations; float32 stays the exact reference."""
+        if self.backend != "dequantize" or self.weight.device.type != "cpu":
+            return
+        if use_vnni and dtype == torch.bfloat16:
+            self.packed_vnni = vnni.PackedInt4.from_official(self.weight, self.weight_scale)
+            self._drop_official(release)
+            return
         group = _group_size(self.in_features)
         if (
-            self.packed_cpu is None
-            and group is not None
-            and self.out_features % _ROW_MULTIPLE == 0
-            and self.weight.device.type == "cpu"
+            group is not None
+            and self.weight.shape[0] % _ROW_MULTIPLE == 0
             and dtype in (torch.bfloat16, torch.float16)
         ):
             self.packed_cpu = PackedInt4Cpu(self.weight, self.weight_scale, dtype, group)
-            if release is not None:
-                release(self.weight)
-            self.weight = torch.empty(0, dtype=torch.int8)
-            self.weight_scale = torch.empty(0, dtype=torch.float16)
+            self._drop_official(release)
+
+    def _drop_official(self, release: Callable[[torch.Tensor], None] | None) -> None:
+        if release is not None:
+            release(self.weight)
+        self.weight = torch.empty(0, dtype=torch.int8)
+        self.weight_scale = torch.empty(0, dtype=torch.float16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed_vnni is not None and self.terms == 1:  # the kernel adds the bias itself
+            return vnni.int4_linear(x, self.packed_vnni, self.bias)
         out = int4_matmul(x, self)
+        if self.terms > 1:
+            out = out.view(*out.shape[:-1], self.terms, self.out_features).sum(dim=-2)
         return out + self.bias if self.bias is not None else out
 
     def extra_repr(self) -> str:
-        backend = "packed-cpu" if self.packed_cpu is not None else "dequantize"
-        return f"in_features={self.in_features}, out_features={self.out_features}, backend={backend}"
+        terms = f", terms={self.terms}" if self.terms > 1 else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}{terms}, backend={self.backend}"
+        )
 
 
-def swap_linears_for_int4(module: nn.Module, names: tuple[str, ...], dtype: torch.dtype) -> None:
+def swap_linears_for_int4(
+    module: nn.Module, names: tuple[str, ...], dtype: torch.dtype, terms: int = 1
+) -> None:
     """Replace every ``nn.Linear`` child whose attribute name is in ``names`` by an ``Int4Linear``."""
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if name in names and isinstance(child, nn.Linear):
                 device = child.weight.device
                 layer = Int4Linear(
-                    child.in_features, child.out_features, child.bias is not None, dtype, device
+                    child.in_features, child.out_features, child.bias is not None, dtype, device, terms
                 )
                 setattr(parent, name, layer)
 
 
 def prepare_int4(
-    module: nn.Module, dtype: torch.dtype, release: Callable[[torch.Tensor], None] | None = None
+    module: nn.Module,
+    dtype: torch.dtype,
+    release: Callable[[torch.Tensor], None] | None = None,
+    *,
+    use_vnni: bool = False,
 ) -> None:
     for child in module.modules():
         if isinstance(child, Int4Linear):
-            child.prepare(dtype, release)
+            child.prepare(dtype, release, use_vnni=use_vnni)
+
+
+def int4_backends(module: nn.Module) -> list[str]:
+    """The distinct backends of ``module``'s int4 layers, sorted (for logs and benchmarks)."""
+    return sorted({child.backend for child in module.modules() if isinstance(child, Int4Linear)})
