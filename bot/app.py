@@ -43,13 +43,17 @@ def model_factory(settings: Settings) -> GeneratorFactory:
 
     def load() -> Generator:
         from bot.model.chat import ChatGLM2Generator
+        from bot.model.loader import ModelLoadError
 
-        return ChatGLM2Generator.load(
-            settings.model_path,
-            dtype=settings.model_dtype,
-            device=settings.device,
-            num_threads=settings.num_threads,
-        )
+        try:
+            return ChatGLM2Generator.load(
+                settings.model_path,
+                dtype=settings.model_dtype,
+                device=settings.device,
+                num_threads=settings.num_threads,
+            )
+        except ModelLoadError as exc:
+            raise ConfigError(f"BOT_MODEL_PATH: {exc}") from None
 
     return load
 
