@@ -129,3 +129,17 @@ def test_misconfiguration_stops_with_one_clear_line(
     assert len(lines) == 1, result.stderr
     assert needle in lines[0]
     assert "hunter2" not in result.stderr and "xoxb-secret-token" not in result.stderr
+
+
+def test_console_chat_survives_non_utf8_input(tmp_path: Path) -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("BOT_", "SLACK_", "DISCORD_"))}
+    clean.update(chat_env(tmp_path))
+    result = subprocess.run(
+        [sys.executable, "-m", "bot", "chat"],
+        input=b"\xff\xfe bad bytes \xc3\n\x00\x01\nquit\n",
+        capture_output=True,
+        env=clean,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(b"bot> ") == 2  # both lines were answered, nothing crashed
