@@ -66,16 +66,8 @@ class ScriptedGenerator:
         on_text: Callable[[str], None],
         should_stop: Callable[[], bool],
     ) -> GenerationResult:
-        with self._lock:
-            self.requests.append(request)
-            self.thread_names.add(threading.current_thread().name)
-        self.started.set()
-        if self.fail_with is not None:
-            raise self.fail_with
-        text = self.reply(request)
-        pieces = _PIECES.findall(text)[: request.params.max_new_tokens]
         emitted: list[str] = []
-        for piece in pieces:
+        for piece in self._accept(request):
             if should_stop():
                 return GenerationResult("".join(emitted).strip(), 0, len(emitted), stopped=True)
             if self.token_delay:
@@ -83,6 +75,16 @@ class ScriptedGenerator:
             on_text(piece)
             emitted.append(piece)
         return GenerationResult("".join(emitted).strip(), 0, len(emitted))
+
+    def _accept(self, request: GenerationRequest) -> list[str]:
+        """Record the request (or fail as scripted); the answer's pieces within the token limit."""
+        with self._lock:
+            self.requests.append(request)
+            self.thread_names.add(threading.current_thread().name)
+        self.started.set()
+        if self.fail_with is not None:
+            raise self.fail_with
+        return _PIECES.findall(self.reply(request))[: request.params.max_new_tokens]
 
 
 @dataclass
@@ -186,14 +188,7 @@ class ScriptedBatchGenerator(ScriptedGenerator):
         on_text: Callable[[str], None],
         should_stop: Callable[[], bool],
     ) -> _ScriptedState:
-        with self._lock:
-            self.requests.append(request)
-            self.thread_names.add(threading.current_thread().name)
-        self.started.set()
-        if self.fail_with is not None:
-            raise self.fail_with
-        pieces = _PIECES.findall(self.reply(request))[: request.params.max_new_tokens]
-        return _ScriptedState(request, pieces, on_text, should_stop, [])
+        return _ScriptedState(request, self._accept(request), on_text, should_stop, [])
 
     def step(self, states: Sequence[_ScriptedState]) -> None:
         self.step_sizes.append(len(states))
