@@ -8,14 +8,21 @@ peak RSS). Decoding streams every weight once per token, so
 ``roofline_tokens_per_s = bandwidth / bytes_read_per_token`` is the ceiling; the JSON reports the
 measured fraction of it.
 
-    python bench/decode.py [--model DIR] [--threads 2] [--dtype auto] [--prompt-tokens 512] [--new-tokens 128]
+    python bench/decode.py [--model DIR] [--threads 0] [--dtype auto] [--int4-kernel auto]
+                           [--prompt-tokens 512] [--new-tokens 128] [--repeats 3]
+
+Prefill and decode run ``--repeats`` times (fresh positions each time); the JSON gives the best and
+the median, since other processes on a shared machine slow single runs (``other_processes_cores``
+reports how much CPU they took during the run).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,12 +34,20 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from bench.bandwidth import measure_read_bandwidth  # noqa: E402
 from bot.model.generate import decode_one_token, prefill  # noqa: E402
+from bot.model.kernels import vnni  # noqa: E402
 from bot.model.loader import load_model  # noqa: E402
 from bot.model.model import ChatGLM2, RMSNorm  # noqa: E402
-from bot.model.kernels import vnni  # noqa: E402
 from bot.model.quant import Int4Linear, int4_backends  # noqa: E402
+from bot.model.threads import default_threads  # noqa: E402
 
 DEFAULT_MODEL = Path.home() / ".cache" / "chatglm-bot" / "bench" / "int4"
+# Issue 6's targets on the 2-core machine: 1.2x llama.cpp's decode (~10.4 tokens/s), 2x its prefill
+# (~24 tokens/s); issue 5's are 0.55 of the roofline, 2x chatglm.cpp's prefill (~8 tokens/s).
+DECODE_TARGET = 12.5
+PREFILL_TARGET = 48.0
+# chatglm-cpp and llama-cpp-python publish no binary wheels for this platform on PyPI (sdists only:
+# a long native build), so no peer runs in the same run; their numbers are quoted in the issues.
+PEERS_NOTE = "not run: chatglm-cpp and llama-cpp-python have no PyPI wheels here (see issues 5 and 6)"
 
 
 def bytes_per_token(model: ChatGLM2, context: int) -> int:
@@ -60,64 +75,101 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is KiB on Linux
 
 
+def busy_cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds all processes used since boot, CPU seconds this process used): their change over
+    the run shows how much other processes competed for the cores."""
+    with open("/proc/stat") as stat:
+        fields = [int(v) for v in stat.readline().split()[1:]]
+    ticks = os.sysconf("SC_CLK_TCK")
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return (sum(fields) - fields[3] - fields[4]) / ticks, usage.ru_utime + usage.ru_stime
+
+
+def measure(model: ChatGLM2, prompt: torch.Tensor, new_tokens: int, vocab_size: int) -> tuple[float, float]:
+    """(prefill seconds, decode seconds for ``new_tokens`` greedy tokens), from position 0."""
+    started = time.perf_counter()
+    logits = prefill(model, prompt)
+    prefill_s = time.perf_counter() - started
+    token = int(logits[:vocab_size].argmax())
+    started = time.perf_counter()
+    for step in range(new_tokens):
+        logits = decode_one_token(model, token, prompt.shape[0] + step)
+        token = int(logits[:vocab_size].argmax())
+    return prefill_s, time.perf_counter() - started
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="0: the bot's default (default_threads())")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     parser.add_argument("--int4-kernel", default="auto", choices=("auto", "vnni", "torch"))
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3, help="prefill + decode passes (min and median)")
     parser.add_argument("--bandwidth-mb", type=int, default=1024, help="buffer of the bandwidth probe")
     parser.add_argument("--bandwidth-seconds", type=float, default=2.0)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    threads = args.threads or default_threads()
+    torch.set_num_threads(threads)
+    load_before = os.getloadavg()
+    busy_start = busy_cpu_seconds()
+    wall_start = time.perf_counter()
 
     started = time.perf_counter()
-    model, tokenizer, _ = load_model(
-        args.model, dtype=args.dtype, device="cpu", int4_kernel=args.int4_kernel
-    )
+    model, tokenizer, _ = load_model(args.model, dtype=args.dtype, device="cpu", int4_kernel=args.int4_kernel)
     load_s = time.perf_counter() - started
     rss_after_load = peak_rss_gb()
-    context = args.prompt_tokens + args.new_tokens
-    model.setup_caches(1, context)
+    model.setup_caches(1, args.prompt_tokens + args.new_tokens)
 
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, tokenizer.sp_vocab_size, (args.prompt_tokens,), generator=gen)
     prompt[:2] = torch.tensor([tokenizer.gmask_id, tokenizer.sop_id])
-    started = time.perf_counter()
-    logits = prefill(model, prompt)
-    prefill_s = time.perf_counter() - started
-
-    token = int(logits[: tokenizer.vocab_size].argmax())
-    started = time.perf_counter()
-    for step in range(args.new_tokens):
-        logits = decode_one_token(model, token, args.prompt_tokens + step)
-        token = int(logits[: tokenizer.vocab_size].argmax())
-    decode_s = time.perf_counter() - started
+    runs = [measure(model, prompt, args.new_tokens, tokenizer.vocab_size) for _ in range(args.repeats)]
     rss_after_decode = peak_rss_gb()  # before the bandwidth probe allocates its buffer
+    busy_end = busy_cpu_seconds()
+    other_cores = (busy_end[0] - busy_start[0] - (busy_end[1] - busy_start[1])) / (
+        time.perf_counter() - wall_start
+    )
 
-    bandwidth = measure_read_bandwidth(args.bandwidth_seconds, args.threads, args.bandwidth_mb)
+    bandwidth = measure_read_bandwidth(args.bandwidth_seconds, threads, args.bandwidth_mb)
     per_token = bytes_per_token(model, args.prompt_tokens + args.new_tokens // 2)
-    decode_tps = args.new_tokens / decode_s
+    prefill_tps = sorted(args.prompt_tokens / p for p, _ in runs)
+    decode_tps = sorted(args.new_tokens / d for _, d in runs)
     roofline = bandwidth * 1e9 / per_token
+    best_decode, best_prefill = decode_tps[-1], prefill_tps[-1]
     report = {
         "model": str(args.model),
-        "threads": args.threads,
+        "threads": threads,
         "dtype": str(model.compute_dtype).removeprefix("torch."),
         "int4_backend": ", ".join(int4_backends(model)),
         "vnni_kernel": vnni.backend_name(),
+        "output_layer": type(model.transformer.output_layer).__name__,
         "load_s": round(load_s, 2),
         "peak_rss_gb_after_load": round(rss_after_load, 2),
         "peak_rss_gb": round(rss_after_decode, 2),
         "prompt_tokens": args.prompt_tokens,
-        "prefill_tokens_per_s": round(args.prompt_tokens / prefill_s, 2),
         "new_tokens": args.new_tokens,
-        "decode_tokens_per_s": round(decode_tps, 2),
+        "repeats": args.repeats,
+        "prefill_tokens_per_s": round(best_prefill, 2),
+        "prefill_tokens_per_s_median": round(statistics.median(prefill_tps), 2),
+        "decode_tokens_per_s": round(best_decode, 2),
+        "decode_tokens_per_s_median": round(statistics.median(decode_tps), 2),
         "read_bandwidth_gb_per_s": round(bandwidth, 2),
         "bytes_read_per_token_gb": round(per_token / 1e9, 3),
         "roofline_tokens_per_s": round(roofline, 2),
-        "ratio_to_roofline": round(decode_tps / roofline, 4),
+        "ratio_to_roofline": round(best_decode / roofline, 4),
+        "ratio_to_roofline_median": round(statistics.median(decode_tps) / roofline, 4),
+        "targets_met": {
+            "decode_ratio_to_roofline>=0.55": best_decode / roofline >= 0.55,
+            f"decode>={DECODE_TARGET}_tokens_per_s": best_decode >= DECODE_TARGET,
+            f"prefill>={PREFILL_TARGET}_tokens_per_s": best_prefill >= PREFILL_TARGET,
+            "peak_rss<=4.5GB": rss_after_decode <= 4.5,
+            "load<=20s": load_s <= 20,
+        },
+        "peers": PEERS_NOTE,
+        "loadavg_before": [round(v, 2) for v in load_before],
+        "other_processes_cores": round(other_cores, 2),  # CPU other processes used during the run
     }
     print(json.dumps(report))
     return 0

@@ -203,6 +203,7 @@ class Int4Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
         self.packed_cpu: PackedInt4Cpu | None = None
         self.packed_vnni: vnni.PackedInt4 | None = None
+        self.vnni_bias: torch.Tensor | None = None  # float32, as the kernel adds it (cast once)
 
     weight: torch.Tensor
     weight_scale: torch.Tensor
@@ -228,6 +229,7 @@ class Int4Linear(nn.Module):
             return
         if use_vnni and dtype == torch.bfloat16:
             self.packed_vnni = vnni.PackedInt4.from_official(self.weight, self.weight_scale)
+            self.vnni_bias = None if self.bias is None else self.bias.detach().float().contiguous()
             self._drop_official(release)
             return
         group = _group_size(self.in_features)
@@ -247,7 +249,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed_vnni is not None and self.terms == 1:  # the kernel adds the bias itself
-            return vnni.int4_linear(x, self.packed_vnni, self.bias)
+            return vnni.int4_linear(x, self.packed_vnni, self.vnni_bias)
         out = int4_matmul(x, self)
         if self.terms > 1:
             out = out.view(*out.shape[:-1], self.terms, self.out_features).sum(dim=-2)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -13,7 +15,10 @@ import torch
 from safetensors.torch import save_file
 
 from bot.model import loader
+from bot.model.kernels import vnni
 from bot.model.loader import ModelLoadError, load_model, resolve_model_path
+from bot.model.model import ChatGLM2
+from bot.model.quant import Int4Linear
 from tests.model.fixture import expected, tiny_dir
 
 Kind = Literal["fp32", "int4"]
@@ -97,10 +102,67 @@ def test_config_quantization_bit_quantizes_fp16_weights(tmp_path: Path) -> None:
     torch.testing.assert_close(last_logits(dest), want("int4"), atol=1e-4, rtol=0)
 
 
-def test_auto_dtype_is_bfloat16_with_packed_int4_for_an_fp16_checkpoint() -> None:
-    model, _, _ = load_model(tiny_dir("int4"), device="cpu")  # config torch_dtype float16
+def int4_layer_backends(model: ChatGLM2) -> set[str]:
+    return {m.backend for m in model.transformer.encoder.modules() if isinstance(m, Int4Linear)}
+
+
+@pytest.fixture
+def no_kernel() -> Iterator[None]:
+    vnni.configure(enabled=False)
+    try:
+        yield
+    finally:
+        vnni.configure(enabled=True)
+
+
+def test_auto_dtype_is_bfloat16_with_the_fastest_int4_kernel_for_an_fp16_checkpoint(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.INFO, logger="bot.model.loader"):
+        model, _, _ = load_model(tiny_dir("int4"), device="cpu")  # config torch_dtype float16
     assert model.compute_dtype == torch.bfloat16
-    assert "backend=packed-cpu" in repr(model.transformer.encoder.layers[0].mlp)
+    want = "vnni" if vnni.available() else "packed-cpu"
+    assert int4_layer_backends(model) == {want}
+    assert sum(f"int4 matmul {want}" in r.getMessage() for r in caplog.records) == 1  # logged once
+
+
+@pytest.mark.parametrize("int4_kernel", ["auto", "vnni"])
+def test_vnni_kernel_runs_every_int4_layer_and_a_two_term_output_layer(int4_kernel: str) -> None:
+    if not vnni.available():
+        pytest.skip(f"int4 VNNI kernel unavailable here: {vnni.backend_name()}")
+    model, _, _ = load_model(tiny_dir("int4"), dtype="bfloat16", device="cpu", int4_kernel=int4_kernel)
+    head = model.transformer.output_layer
+    assert int4_layer_backends(model) == {"vnni"}
+    assert isinstance(head, Int4Linear) and head.backend == "vnni" and head.terms == 2
+    assert head.weight.numel() == 0 and model.device.type == "cpu"  # official tensors dropped
+
+
+def test_int4_output_layer_can_be_kept_in_the_compute_dtype() -> None:
+    model, _, _ = load_model(tiny_dir("int4"), dtype="bfloat16", device="cpu", int4_output_layer=False)
+    head = model.transformer.output_layer
+    assert type(head) is torch.nn.Linear and head.weight.dtype == torch.bfloat16
+
+
+def test_torch_int4_kernel_keeps_pytorch_kernels_and_a_dense_output_layer() -> None:
+    model, _, _ = load_model(tiny_dir("int4"), dtype="bfloat16", device="cpu", int4_kernel="torch")
+    assert int4_layer_backends(model) == {"packed-cpu"}
+    assert type(model.transformer.output_layer) is torch.nn.Linear
+
+
+@pytest.mark.usefixtures("no_kernel")
+def test_without_the_kernel_auto_falls_back_and_vnni_is_an_error() -> None:
+    model, _, _ = load_model(tiny_dir("int4"), dtype="bfloat16", device="cpu")
+    assert int4_layer_backends(model) == {"packed-cpu"}
+    with pytest.raises(ModelLoadError, match="int4_kernel 'vnni' requested but the kernel is unavailable"):
+        load_model(tiny_dir("int4"), device="cpu", int4_kernel="vnni")
+
+
+@pytest.mark.parametrize("int4_kernel", ["auto", "vnni", "torch"])
+def test_float32_is_the_exact_reference_whatever_the_int4_kernel(int4_kernel: str) -> None:
+    if int4_kernel == "vnni" and not vnni.available():
+        pytest.skip(f"int4 VNNI kernel unavailable here: {vnni.backend_name()}")
+    got = last_logits(tiny_dir("int4"), int4_kernel=int4_kernel)
+    torch.testing.assert_close(got, want("int4"), atol=1e-4, rtol=0)
 
 
 def test_auto_dtype_keeps_a_float32_checkpoint_exact() -> None:
@@ -226,6 +288,8 @@ def test_bad_options() -> None:
         load_model(tiny_dir("fp32"), dtype="int8", device="cpu")
     with pytest.raises(ModelLoadError, match="device"):
         load_model(tiny_dir("fp32"), device="tpu")
+    with pytest.raises(ModelLoadError, match="int4_kernel"):
+        load_model(tiny_dir("int4"), int4_kernel="fast")
 
 
 # -- resolve_model_path -----------------------------------------------------------------------------

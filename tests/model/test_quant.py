@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from bot.model import quant
 from bot.model.quant import (
     Int4Linear,
     dequantize_int4,
@@ -105,6 +106,14 @@ def test_shapes_the_kernel_refuses_fall_back_to_dequantize(out: int, in_features
     assert layer.packed_cpu is None
     x = torch.randn(3, in_features, dtype=torch.bfloat16)
     torch.testing.assert_close(layer(x), (x.float() @ weight.T).bfloat16(), atol=0.05, rtol=0.02)
+
+
+def test_quantizing_in_row_chunks_equals_the_whole_matrix_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    weight = torch.randn(37, 16, generator=torch.Generator().manual_seed(4)).half()
+    whole = quantize_int4(weight)
+    monkeypatch.setattr(quant, "_PACK_CHUNK_ROWS", 8)  # 37 rows: four full chunks and a partial one
+    chunked = quantize_int4(weight)
+    assert torch.equal(chunked[0], whole[0]) and torch.equal(chunked[1], whole[1])
 
 
 def test_all_zero_row_quantizes_to_zero() -> None:

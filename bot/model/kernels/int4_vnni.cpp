@@ -311,7 +311,9 @@ torch::Tensor pack_official(const torch::Tensor& qweight) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_linear", &int4_linear, "y[N, out] = x[N, in] @ W.T (+ bias), int4 W x int8 x on AVX512-VNNI",
         pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("scale"), pybind11::arg("out_features"),
-        pybind11::arg("bias") = pybind11::none());
+        pybind11::arg("bias") = pybind11::none(),
+        // The event loop shares this process: let it run while the matmul does.
+        pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("pack_official", &pack_official, "repack official int4 weights for int4_linear",
-        pybind11::arg("qweight"));
+        pybind11::arg("qweight"), pybind11::call_guard<pybind11::gil_scoped_release>());
 }
