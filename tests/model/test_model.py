@@ -9,7 +9,7 @@ import torch
 
 from bot.model.config import ChatGLM2Config, ConfigError
 from bot.model.loader import load_model
-from bot.model.model import ChatGLM2, apply_rope, rope_cache
+from bot.model.model import ChatGLM2, apply_rope, decode_attention, rope_cache
 from tests.model.fixture import expected, tiny_dir
 
 ATOL = 1e-4
@@ -120,6 +120,38 @@ def test_batch_rows_at_different_positions_decode_together(model: tuple[str, Cha
         out = m(torch.tensor([[a[-1]], [b[-1]]]), torch.tensor([[len(a) - 1], [len(b) - 1]]))
     torch.testing.assert_close(out[0, -1], want_a, atol=ATOL, rtol=0)
     torch.testing.assert_close(out[1, -1], want_b, atol=ATOL, rtol=0)
+
+
+def test_prefill_into_a_chosen_row_and_copy_kv_between_rows(model: tuple[str, ChatGLM2]) -> None:
+    """``first_row`` prefills one request into its own row; ``read_kv``/``write_kv`` move a prefix."""
+    _, m = model
+    a = prompt("multi_turn")
+    want = full_logits(m, a)[-1]  # row 0
+    with torch.inference_mode():
+        m(torch.tensor([a[:-1]]), torch.arange(len(a) - 1), first_row=1)
+        out = m(torch.tensor([[a[-1]]]), torch.tensor([len(a) - 1]), first_row=1)
+        torch.testing.assert_close(out[0, -1], want, atol=ATOL, rtol=0)
+        kv = m.read_kv(1, 10)
+        assert kv.shape == (m.config.num_layers, 2, m.config.kv_groups, 10, m.config.head_dim)
+        m.write_kv(0, kv)  # row 0: the first 10 slots copied, the rest prefilled
+        m(torch.tensor([a[10:-1]]), torch.arange(10, len(a) - 1), first_row=0)
+        again = m(torch.tensor([[a[-1]]]), torch.tensor([len(a) - 1]))
+    torch.testing.assert_close(again[0, -1], want, atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="exceed the caches"):
+        m(torch.tensor([[1, 2]]), torch.arange(2), first_row=m.max_batch)
+
+
+def test_decode_attention_matches_sdpa_with_per_row_masks() -> None:
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 8, 1, 16, generator=gen)
+    k, v = torch.randn(3, 2, 12, 16, generator=gen), torch.randn(3, 2, 12, 16, generator=gen)
+    positions = torch.tensor([[3], [11], [0]])
+    mask = (torch.arange(12)[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, 1, T]
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(decode_attention(q, k, v, mask), want, atol=1e-6, rtol=1e-5)
+    half = decode_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), want, atol=2e-2, rtol=0)
 
 
 def test_bfloat16_compute_is_close_to_float32() -> None:
