@@ -13,7 +13,6 @@ Tolerances (the float32 path stays the exact reference; these bound the fast pat
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -33,15 +32,6 @@ LOGIT_TOLERANCE = 0.10  # of the reference logits' standard deviation
 def kernel() -> None:
     if not vnni.available():
         pytest.skip(f"int4 VNNI kernel unavailable here: {vnni.backend_name()}")
-
-
-@pytest.fixture
-def no_kernel() -> Iterator[None]:
-    vnni.configure(enabled=False)
-    try:
-        yield
-    finally:
-        vnni.configure(enabled=True)
 
 
 def random_layer(out: int, in_features: int, bias: bool, seed: int, terms: int = 1) -> Int4Linear:

@@ -1,4 +1,4 @@
-"""The AVX512-VNNI int4 kernel: parity with the float32 reference, fallback, weight packing, build cache.
+"""The AVX512-VNNI int4 kernel: parity with the float32 reference, no_kernel, weight packing, build cache.
 
 The kernel quantizes each activation row to int8 in blocks of BLOCK (32) values with scale
 d = max|x| / 127, so each activation moves by at most d/2 and each output by at most
@@ -13,7 +13,6 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,15 +38,6 @@ def cache_dir(request: pytest.FixtureRequest) -> Path:
 def kernel(cache_dir: Path) -> None:
     if not vnni.available():
         pytest.skip(f"int4 VNNI kernel unavailable here: {vnni.backend_name()}")
-
-
-@pytest.fixture
-def fallback() -> Iterator[None]:
-    vnni.configure(enabled=False)
-    try:
-        yield
-    finally:
-        vnni.configure(enabled=True)
 
 
 def official(out: int, in_features: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,7 +147,7 @@ def test_extreme_nibbles_and_activation_outliers() -> None:
     assert_within_rounding(y, x, w, x @ w.T)
 
 
-@pytest.mark.usefixtures("fallback")
+@pytest.mark.usefixtures("no_kernel")
 @pytest.mark.parametrize(("out", "in_features", "tokens"), SHAPES[:3])
 def test_fallback_is_the_exact_float32_reference(out: int, in_features: int, tokens: int) -> None:
     qweight, scale = official(out, in_features)

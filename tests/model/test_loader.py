@@ -6,7 +6,6 @@ import json
 import logging
 import pickle
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -104,15 +103,6 @@ def test_config_quantization_bit_quantizes_fp16_weights(tmp_path: Path) -> None:
 
 def int4_layer_backends(model: ChatGLM2) -> set[str]:
     return {m.backend for m in model.transformer.encoder.modules() if isinstance(m, Int4Linear)}
-
-
-@pytest.fixture
-def no_kernel() -> Iterator[None]:
-    vnni.configure(enabled=False)
-    try:
-        yield
-    finally:
-        vnni.configure(enabled=True)
 
 
 def test_auto_dtype_is_bfloat16_with_the_fastest_int4_kernel_for_an_fp16_checkpoint(
