@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from bench.bandwidth import measure_read_bandwidth  # noqa: E402
 from bot.model.generate import decode_one_token, prefill  # noqa: E402
-from bot.model.kernels import vnni  # noqa: E402
+from bot.model.kernels import native  # noqa: E402
 from bot.model.loader import load_model  # noqa: E402
 from bot.model.model import ChatGLM2, RMSNorm  # noqa: E402
 from bot.model.quant import Int4Linear, int4_backends  # noqa: E402
@@ -56,9 +56,9 @@ def bytes_per_token(model: ChatGLM2, context: int) -> int:
     total = 0
     for module in model.modules():
         if isinstance(module, Int4Linear):
-            packed, vnni_packed = module.packed_cpu, module.packed_vnni
-            if vnni_packed is not None:
-                total += vnni_packed.packed.nbytes + vnni_packed.scale.nbytes
+            packed, native_packed = module.packed_cpu, module.packed_native
+            if native_packed is not None:
+                total += native_packed.packed.nbytes + native_packed.scale.nbytes
             elif packed is not None:
                 total += packed.weight.nbytes + packed.scales_and_zeros.nbytes
             else:
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--threads", type=int, default=0, help="0: the bot's default (default_threads())")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
-    parser.add_argument("--int4-kernel", default="auto", choices=("auto", "vnni", "torch"))
+    parser.add_argument("--int4-kernel", default="auto", choices=("auto", "native", "torch"))
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3, help="prefill + decode passes (min and median)")
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": threads,
         "dtype": str(model.compute_dtype).removeprefix("torch."),
         "int4_backend": ", ".join(int4_backends(model)),
-        "vnni_kernel": vnni.backend_name(),
+        "native_kernel": native.backend_name(),
         "output_layer": type(model.transformer.output_layer).__name__,
         "load_s": round(load_s, 2),
         "peak_rss_gb_after_load": round(rss_after_load, 2),

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from bot.model.kernels import vnni
+from bot.model.kernels import native
 
 LAYER_SHAPES = {
     "qkv": (4608, 4096),
@@ -40,9 +40,9 @@ def random_official(out: int, in_features: int) -> tuple[torch.Tensor, torch.Ten
     return qweight, scale
 
 
-def vnni_matmul(out: int, in_features: int) -> Matmul:
-    w = vnni.PackedInt4.from_official(*random_official(out, in_features))
-    return lambda x: vnni.int4_linear(x, w)
+def native_matmul(out: int, in_features: int) -> Matmul:
+    w = native.PackedInt4.from_official(*random_official(out, in_features))
+    return lambda x: native.int4_linear(x, w)
 
 
 def int4pack_matmul(out: int, in_features: int) -> Matmul:
@@ -59,7 +59,7 @@ def bf16_matmul(out: int, in_features: int) -> Matmul:
 
 METHODS: dict[str, tuple[Callable[[int, int], Matmul], torch.dtype, float]] = {
     # name: (weight factory, activation dtype, weight bytes per parameter)
-    "vnni": (vnni_matmul, torch.float32, 0.5),
+    "native": (native_matmul, torch.float32, 0.5),
     "int4pack": (int4pack_matmul, torch.bfloat16, 0.5),
     "bf16": (bf16_matmul, torch.bfloat16, 2.0),
 }
@@ -104,13 +104,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--pool", type=int, default=2, help="distinct layers cycled through (>= 2 beats L3)")
-    parser.add_argument("--no-baselines", action="store_true", help="only the vnni kernel")
+    parser.add_argument("--no-baselines", action="store_true", help="only the native kernel")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    methods = ["vnni"] if args.no_baselines else list(METHODS)
+    methods = ["native"] if args.no_baselines else list(METHODS)
     layer_params = sum(o * i for o, i in LAYER_SHAPES.values())
     result: dict[str, object] = {
-        "backend": vnni.backend_name(),
+        "backend": native.backend_name(),
         "threads": args.threads,
         "repeats": args.repeats,
         "timing": "min over repeats; other processes share the cores",

@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     model_dtype: str = Field("auto", pattern="^(auto|float32|bfloat16|float16)$")
     device: str = Field("auto", pattern="^(auto|cpu|cuda)$")
     num_threads: int = Field(0, ge=0, description="intra-op threads of the inference thread; 0 = auto")
-    int4_kernel: str = Field("auto", pattern="^(auto|vnni|torch)$")
+    int4_kernel: str = Field("auto", pattern="^(auto|native|torch)$")
     max_batch_size: int = Field(8, ge=1, le=64, description="conversations decoded together")
     prefix_cache_mb: int = Field(1024, ge=0, description="memory for kept conversation KV caches")
 

@@ -7,9 +7,9 @@ Nothing from the folder is executed: ``.bin`` files are read with ``torch.load(w
 The int4 layout (``weight`` int8 + ``weight_scale``) loads as is; fp16 weights are quantized on load
 when config.json says ``quantization_bit: 4`` or ``quantize=4`` is asked (the official ``quantize(4)``).
 
-The int4 matmul backend (``int4_kernel``) is chosen here and logged once per load: the AVX512-VNNI
-kernel for bfloat16 compute on CPU where it is available (it then also runs the output layer,
-quantized on load as two int4 terms: ~4.4 ms per token measured, vs ~35 ms in bf16), else
+The int4 matmul backend (``int4_kernel``) is chosen here and logged once per load: the native
+kernel (AVX512-VNNI or AVX2) for bfloat16 compute on CPU where it is available (it then also runs the
+output layer, quantized on load as two int4 terms: ~4.4 ms per token measured, vs ~35 ms in bf16), else
 PyTorch's packed int4 kernel; float32 compute always runs the exact dequantized reference.
 """
 
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from bot.model.config import ChatGLM2Config, ConfigError
-from bot.model.kernels import vnni
+from bot.model.kernels import native
 from bot.model.model import QUANTIZED_LINEARS, ChatGLM2
 from bot.model.quant import (
     int4_backends,
@@ -51,9 +51,9 @@ _HUB_PATTERNS = [
     "*.json",
 ]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_INT4_KERNELS = ("auto", "vnni", "torch")
+_INT4_KERNELS = ("auto", "native", "torch")
 _OUTPUT_LAYER = "output_layer"
-# The output layer's int4 form on the VNNI path: two terms keep the logits at about int8 precision
+# The output layer's int4 form on the native kernel: two terms keep the logits at about int8 precision
 # (one per-row int4 term moved the tiny fixture's logits by ~40 % of their spread and flipped greedy
 # tokens; see tests/model/test_fast_path.py) for ~4.4 ms per token (measured, full size) instead of
 # ~35 ms in bf16.
@@ -101,18 +101,18 @@ def load_model(
     official CPU computation exactly. ``auto`` keeps a float32 checkpoint in float32 (the official
     code does too) and otherwise picks bfloat16 on CPU (the packed int4 kernels; ~30x faster than
     float32 activations there, while CPU float16 matmuls are slow) and float16 on CUDA.
-    ``int4_kernel`` (auto, vnni, torch) picks the int4 matmul of a bfloat16 CPU model: ``auto`` the
-    VNNI kernel where it is available, ``vnni`` requires it, ``torch`` forces PyTorch's kernels. With
-    the VNNI kernel, ``int4_output_layer`` also quantizes the output layer (the official int4
+    ``int4_kernel`` (auto, native, torch) picks the int4 matmul of a bfloat16 CPU model: ``auto`` the
+    native kernel where it is available, ``native`` requires it, ``torch`` forces PyTorch's kernels. With
+    the native kernel, ``int4_output_layer`` also quantizes the output layer (the official int4
     arithmetic; False keeps it in the compute dtype).
     The KV caches are not allocated here (``model.setup_caches``)."""
     if quantize not in (None, 4):
         raise ModelLoadError(f"quantize={quantize!r} is not supported (only 4)")
     if int4_kernel not in _INT4_KERNELS:
         raise ModelLoadError(f"unknown int4_kernel {int4_kernel!r} ({', '.join(_INT4_KERNELS)})")
-    if int4_kernel == "vnni" and not vnni.available():
+    if int4_kernel == "native" and not native.available():
         raise ModelLoadError(
-            f"int4_kernel 'vnni' requested but the kernel is unavailable: {vnni.backend_name()}"
+            f"int4_kernel 'native' requested but the kernel is unavailable: {native.backend_name()}"
         )
     target = _pick_device(device)
     folder = resolve_model_path(path)
@@ -146,8 +146,8 @@ def load_model(
         _quantize_state(state, mapped.release)
         with torch.device("meta"):
             model = ChatGLM2(config, compute, quantized=True)
-    use_vnni, why = _pick_int4_kernel(int4_kernel, compute, target) if quantized else (False, "")
-    if use_vnni and int4_output_layer:
+    use_native, why = _pick_int4_kernel(int4_kernel, compute, target) if quantized else (False, "")
+    if use_native and int4_output_layer:
         key = f"transformer.{_OUTPUT_LAYER}.weight"
         head = state[key]
         state[key], state[key + "_scale"] = quantize_int4_terms(head, OUTPUT_LAYER_TERMS)
@@ -159,7 +159,7 @@ def load_model(
     del state
     model = model.to(target)
     for module in (*model.blocks, model.transformer.output_layer):
-        prepare_int4(module, compute, mapped.release, use_vnni=use_vnni)
+        prepare_int4(module, compute, mapped.release, use_native=use_native)
         mapped.trim_heap()
     model.eval().requires_grad_(False)
     kind = f"int4 matmul {', '.join(int4_backends(model))} ({why})" if quantized else "dense"
@@ -168,15 +168,15 @@ def load_model(
 
 
 def _pick_int4_kernel(int4_kernel: str, compute: torch.dtype, device: torch.device) -> tuple[bool, str]:
-    """Whether int4 layers use the VNNI kernel, and why (for the load log). It serves bfloat16
+    """Whether int4 layers use the native kernel, and why (for the load log). It serves bfloat16
     activations on CPU; float32 stays the exact reference."""
     if compute != torch.bfloat16 or device.type != "cpu":
-        return False, f"vnni kernel: not for {str(compute).removeprefix('torch.')} on {device.type}"
+        return False, f"native kernel: not for {str(compute).removeprefix('torch.')} on {device.type}"
     if int4_kernel == "torch":
-        return False, "vnni kernel: off, int4_kernel=torch"
-    if vnni.available():  # "vnni" was checked up front; "auto" falls back to PyTorch's kernels
-        return True, "vnni kernel: available"
-    return False, f"vnni kernel: {vnni.backend_name()}"
+        return False, "native kernel: off, int4_kernel=torch"
+    if native.available():  # "native" was checked up front; "auto" falls back to PyTorch's kernels
+        return True, "native kernel: available"
+    return False, f"native kernel: {native.backend_name()}"
 
 
 def _pick_device(device: str) -> torch.device:

@@ -15,10 +15,12 @@ Runtime (``Int4Linear.prepare``), chosen by compute dtype, measured on this 2-co
   slower at every token count (~940 ms for 64 tokens) and ``_weight_int8pack_mm`` was 4x slower for
   one token, so neither is used. The kernel needs out_features % 16 == 0 and in_features % 32 == 0;
   other shapes use the dequantizing path.
-* bfloat16 activations with the AVX512-VNNI kernel (``bot.model.kernels.vnni``, chosen by the loader):
+* bfloat16 activations with the native kernel (``bot.model.kernels.native``, chosen by the loader):
   int8-quantized activations x int4 weights, at every token count. Measured (bench/kernel.py, 28
-  layers): one token ~72-90 ms vs ~146 ms for the int4pack kernel below, 64 tokens ~1.0 s vs ~4.2 s
-  (int4pack) and ~2.0 s (bf16 GEMM on dequantized weights). The activation rounding is the price:
+  layers, 2 threads): with AVX512-VNNI, one token ~72-90 ms vs ~146 ms for the int4pack kernel below,
+  64 tokens ~1.0 s vs ~4.2 s (int4pack) and ~2.0 s (bf16 GEMM on dequantized weights); with AVX2 on
+  a Zen 3 machine with half the memory bandwidth, one token ~161 ms vs ~522 ms (int4pack), 64 tokens
+  ~3.9-4.2 s vs ~15.2 s (int4pack) and ~37.7 s (bf16). The activation rounding is the price:
   ~0.5 % relative per matmul (tests/model/test_fast_path.py bounds it).
 * float32 activations: the exact reference ``x @ (q * scale).T`` in float32, which is what the
   official CPU int4 path computes (the packed kernel with fp32 activations is ~30x slower).
@@ -36,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bot.model.kernels import vnni
+from bot.model.kernels import native
 
 _GROUP_SIZES = (128, 256, 64, 32)  # preference order for the packed kernel (128 measured fastest)
 _ROW_MULTIPLE = 16  # the packed kernel needs out_features divisible by 16
@@ -165,8 +167,8 @@ class PackedInt4Cpu:
 
 def int4_matmul(x: torch.Tensor, layer: Int4Linear) -> torch.Tensor:
     """``x @ (q * scale).T`` (no bias), through the fastest backend prepared for ``layer``."""
-    if layer.packed_vnni is not None:
-        return vnni.int4_linear(x, layer.packed_vnni)
+    if layer.packed_native is not None:
+        return native.int4_linear(x, layer.packed_native)
     packed = layer.packed_cpu
     if packed is not None:
         return packed.matmul(x.to(packed.scales_and_zeros.dtype)).to(x.dtype)
@@ -202,16 +204,16 @@ class Int4Linear(nn.Module):
         self.register_buffer("weight_scale", torch.empty(rows, dtype=torch.float16, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
         self.packed_cpu: PackedInt4Cpu | None = None
-        self.packed_vnni: vnni.PackedInt4 | None = None
-        self.vnni_bias: torch.Tensor | None = None  # float32, as the kernel adds it (cast once)
+        self.packed_native: native.PackedInt4 | None = None
+        self.native_bias: torch.Tensor | None = None  # float32, as the kernel adds it (cast once)
 
     weight: torch.Tensor
     weight_scale: torch.Tensor
 
     @property
     def backend(self) -> str:
-        if self.packed_vnni is not None:
-            return "vnni"
+        if self.packed_native is not None:
+            return "native"
         return "packed-cpu" if self.packed_cpu is not None else "dequantize"
 
     def prepare(
@@ -219,17 +221,17 @@ class Int4Linear(nn.Module):
         dtype: torch.dtype,
         release: Callable[[torch.Tensor], None] | None = None,
         *,
-        use_vnni: bool = False,
+        use_native: bool = False,
     ) -> None:
         """Convert once for ``dtype`` activations (after the checkpoint tensors are loaded). A packed
         backend then drops the official tensors (they would double the weight memory), passing the
-        packed int8 one to ``release`` first. ``use_vnni`` (the caller checked ``vnni.available()``)
-        picks the VNNI kernel for bfloat16 CPU activations; float32 stays the exact reference."""
+        packed int8 one to ``release`` first. ``use_native`` (the caller checked ``native.available()``)
+        picks the native kernel for bfloat16 CPU activations; float32 stays the exact reference."""
         if self.backend != "dequantize" or self.weight.device.type != "cpu":
             return
-        if use_vnni and dtype == torch.bfloat16:
-            self.packed_vnni = vnni.PackedInt4.from_official(self.weight, self.weight_scale)
-            self.vnni_bias = None if self.bias is None else self.bias.detach().float().contiguous()
+        if use_native and dtype == torch.bfloat16:
+            self.packed_native = native.PackedInt4.from_official(self.weight, self.weight_scale)
+            self.native_bias = None if self.bias is None else self.bias.detach().float().contiguous()
             self._drop_official(release)
             return
         group = _group_size(self.in_features)
@@ -248,8 +250,8 @@ class Int4Linear(nn.Module):
         self.weight_scale = torch.empty(0, dtype=torch.float16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed_vnni is not None and self.terms == 1:  # the kernel adds the bias itself
-            return vnni.int4_linear(x, self.packed_vnni, self.vnni_bias)
+        if self.packed_native is not None and self.terms == 1:  # the kernel adds the bias itself
+            return native.int4_linear(x, self.packed_native, self.native_bias)
         out = int4_matmul(x, self)
         if self.terms > 1:
             out = out.view(*out.shape[:-1], self.terms, self.out_features).sum(dim=-2)
@@ -281,11 +283,11 @@ def prepare_int4(
     dtype: torch.dtype,
     release: Callable[[torch.Tensor], None] | None = None,
     *,
-    use_vnni: bool = False,
+    use_native: bool = False,
 ) -> None:
     for child in module.modules():
         if isinstance(child, Int4Linear):
-            child.prepare(dtype, release, use_vnni=use_vnni)
+            child.prepare(dtype, release, use_native=use_native)
 
 
 def int4_backends(module: nn.Module) -> list[str]:

@@ -2,14 +2,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from bot.model.kernels import vnni
+from bot.model.kernels import native
 
 
 @pytest.fixture
 def no_kernel() -> Iterator[None]:
-    """The VNNI kernel switched off, as on a machine without it; restored afterwards."""
-    vnni.configure(enabled=False)
+    """The native kernel switched off, as on a machine without it; restored afterwards."""
+    native.configure(enabled=False)
     try:
         yield
     finally:
-        vnni.configure(enabled=True)
+        native.configure(enabled=True)

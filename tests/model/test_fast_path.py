@@ -1,4 +1,4 @@
-"""The bfloat16 CPU fast path: int4 layers on the AVX512-VNNI kernel and the two-term int4 output layer.
+"""The bfloat16 CPU fast path: int4 layers on the native kernel and the two-term int4 output layer.
 
 Tolerances (the float32 path stays the exact reference; these bound the fast path's rounding):
 * one layer: the kernel rounds activations to int8 per block of 32 values (~0.5 % relative noise) and
@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from bot.model.kernels import vnni
+from bot.model.kernels import native
 from bot.model.loader import load_model
 from bot.model.model import ChatGLM2
 from bot.model.quant import Int4Linear, dequantize_int4, quantize_int4, quantize_int4_terms
@@ -30,8 +30,8 @@ LOGIT_TOLERANCE = 0.10  # of the reference logits' standard deviation
 
 @pytest.fixture(scope="module")
 def kernel() -> None:
-    if not vnni.available():
-        pytest.skip(f"int4 VNNI kernel unavailable here: {vnni.backend_name()}")
+    if not native.available():
+        pytest.skip(f"native int4 kernel unavailable here: {native.backend_name()}")
 
 
 def random_layer(out: int, in_features: int, bias: bool, seed: int, terms: int = 1) -> Int4Linear:
@@ -57,15 +57,15 @@ def reference(layer: Int4Linear, x: torch.Tensor) -> torch.Tensor:
     ("out", "in_features", "tokens", "terms"),
     [(64, 64, 1, 1), (96, 128, 3, 1), (40, 200, 17, 1), (640, 64, 2, 2), (48, 96, 5, 2)],
 )
-def test_vnni_layer_is_close_to_the_float32_reference(
+def test_native_layer_is_close_to_the_float32_reference(
     out: int, in_features: int, tokens: int, terms: int
 ) -> None:
     layer = random_layer(out, in_features, bias=terms == 1, seed=out + in_features, terms=terms)
     x = torch.randn(tokens, in_features).bfloat16()
     want = reference(layer, x)
     released: list[torch.Tensor] = []
-    layer.prepare(torch.bfloat16, released.append, use_vnni=True)
-    assert layer.backend == "vnni" and layer.weight.numel() == 0 and len(released) == 1
+    layer.prepare(torch.bfloat16, released.append, use_native=True)
+    assert layer.backend == "native" and layer.weight.numel() == 0 and len(released) == 1
     got = layer(x)
     assert got.dtype == torch.bfloat16 and got.shape == (tokens, out)
     error = got.float() - want
@@ -73,12 +73,12 @@ def test_vnni_layer_is_close_to_the_float32_reference(
     assert error.abs().max() <= 0.03 * want.abs().max()
 
 
-def test_float32_stays_the_exact_reference_even_when_vnni_is_asked() -> None:
+def test_float32_stays_the_exact_reference_even_when_native_is_asked() -> None:
     layer = random_layer(64, 128, bias=True, seed=5)
     layer.bias = torch.nn.Parameter(torch.randn(64))
     x = torch.randn(3, 128)
     want = reference(layer, x)
-    layer.prepare(torch.float32, use_vnni=True)
+    layer.prepare(torch.float32, use_native=True)
     assert layer.backend == "dequantize"
     torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-5)
 
@@ -148,7 +148,7 @@ def test_fast_path_greedy_tokens_and_logits_within_tolerance(
 @pytest.mark.usefixtures("no_kernel")
 def test_without_the_kernel_auto_is_exactly_the_torch_path() -> None:
     auto, _, _ = load_model(tiny_dir("int4"), dtype="bfloat16", device="cpu")
-    vnni.configure(enabled=True)
+    native.configure(enabled=True)
     torch_path, _, _ = load_model(tiny_dir("int4"), dtype="bfloat16", device="cpu", int4_kernel="torch")
     case = expected()["int4"][0]
     assert torch.equal(teacher_forced_logits(auto, case), teacher_forced_logits(torch_path, case))

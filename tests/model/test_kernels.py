@@ -1,4 +1,5 @@
-"""The AVX512-VNNI int4 kernel: parity with the float32 reference, no_kernel, weight packing, build cache.
+"""The native int4 kernel (AVX512-VNNI or AVX2): parity with the float32 reference, no_kernel, weight
+packing, build cache.
 
 The kernel quantizes each activation row to int8 in blocks of BLOCK (32) values with scale
 d = max|x| / 127, so each activation moves by at most d/2 and each output by at most
@@ -18,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bot.model.kernels import vnni
+from bot.model.kernels import native
 
-BLOCK = vnni.BLOCK
+BLOCK = native.BLOCK
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -29,15 +30,15 @@ def cache_dir(request: pytest.FixtureRequest) -> Path:
     # Compiling takes ~30 s: build once into pytest's cache so later sessions only load. Packing weights
     # builds the kernel too (for its repacking), so every test here configures the cache first.
     cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
-    path = vnni.default_cache_dir() if cache is None else Path(cache.mkdir("int4-kernels"))
-    vnni.configure(cache_dir=path)
+    path = native.default_cache_dir() if cache is None else Path(cache.mkdir("int4-kernels"))
+    native.configure(cache_dir=path)
     return path
 
 
 @pytest.fixture(scope="session")
 def kernel(cache_dir: Path) -> None:
-    if not vnni.available():
-        pytest.skip(f"int4 VNNI kernel unavailable here: {vnni.backend_name()}")
+    if not native.available():
+        pytest.skip(f"native int4 kernel unavailable here: {native.backend_name()}")
 
 
 def official(out: int, in_features: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +98,7 @@ def test_float32_matches_reference_within_int8_rounding(
     bias = torch.randn(out) if with_bias else None
     ref = x @ w.T + (bias if bias is not None else 0)
 
-    y = vnni.int4_linear(x, vnni.PackedInt4.from_official(qweight, scale), bias)
+    y = native.int4_linear(x, native.PackedInt4.from_official(qweight, scale), bias)
 
     assert y.dtype == torch.float32 and y.shape == (tokens, out)
     assert_within_rounding(y, x, w, ref)
@@ -112,7 +113,7 @@ def test_bfloat16_activations_give_bfloat16_within_rounding() -> None:
     bias = torch.randn(80)
     ref = x.float() @ w.T + bias
 
-    y = vnni.int4_linear(x, vnni.PackedInt4.from_official(qweight, scale), bias)
+    y = native.int4_linear(x, native.PackedInt4.from_official(qweight, scale), bias)
 
     assert y.dtype == torch.bfloat16
     assert_within_rounding(y, x, w, ref, output_unit_roundoff=2**-8)  # plus one bfloat16 rounding
@@ -121,14 +122,14 @@ def test_bfloat16_activations_give_bfloat16_within_rounding() -> None:
 @pytest.mark.usefixtures("kernel")
 def test_leading_dimensions_and_empty_batches() -> None:
     qweight, scale = official(64, 128)
-    packed = vnni.PackedInt4.from_official(qweight, scale)
+    packed = native.PackedInt4.from_official(qweight, scale)
     x = torch.randn(2, 3, 128)
 
-    y = vnni.int4_linear(x, packed)
+    y = native.int4_linear(x, packed)
 
     assert y.shape == (2, 3, 64)
-    assert torch.equal(y[1, 2], vnni.int4_linear(x[1, 2:3], packed)[0])
-    assert vnni.int4_linear(torch.empty(0, 128), packed).shape == (0, 64)
+    assert torch.equal(y[1, 2], native.int4_linear(x[1, 2:3], packed)[0])
+    assert native.int4_linear(torch.empty(0, 128), packed).shape == (0, 64)
 
 
 @pytest.mark.usefixtures("kernel")
@@ -142,7 +143,7 @@ def test_extreme_nibbles_and_activation_outliers() -> None:
     x[:2, 5] = 1000.0
     x[2] = x[2].abs() + 50
 
-    y = vnni.int4_linear(x, vnni.PackedInt4.from_official(qweight, scale))
+    y = native.int4_linear(x, native.PackedInt4.from_official(qweight, scale))
 
     assert_within_rounding(y, x, w, x @ w.T)
 
@@ -154,33 +155,43 @@ def test_fallback_is_the_exact_float32_reference(out: int, in_features: int, tok
     x = torch.randn(tokens, in_features)
     bias = torch.randn(out)
 
-    y = vnni.int4_linear(x, vnni.PackedInt4.from_official(qweight, scale), bias)
+    y = native.int4_linear(x, native.PackedInt4.from_official(qweight, scale), bias)
 
-    assert not vnni.available()
-    assert vnni.backend_name() == "disabled by configuration"
+    assert not native.available()
+    assert native.backend_name() == "disabled by configuration"
     assert torch.equal(y, x @ dequantized(qweight, scale).T + bias)
-    y16 = vnni.int4_linear(x.bfloat16(), vnni.PackedInt4.from_official(qweight, scale))
+    y16 = native.int4_linear(x.bfloat16(), native.PackedInt4.from_official(qweight, scale))
     assert torch.equal(y16, (x.bfloat16().float() @ dequantized(qweight, scale).T).bfloat16())
 
 
 def test_unavailable_reasons_are_reported(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(vnni, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
-    with caplog.at_level(logging.WARNING, logger=vnni.__name__):
-        module, reason = vnni._load(Path("/nonexistent"))
+    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    with caplog.at_level(logging.WARNING, logger=native.__name__):
+        module, reason = native._load(Path("/nonexistent"))
     assert module is None
-    assert reason == "CPU lacks avx512bw, avx512vl, avx512_vnni"
+    assert reason == "CPU lacks avx512f/avx512bw/avx512vl/avx512_vnni and avx2/fma"
     assert reason in caplog.text
 
-    monkeypatch.setattr(vnni, "cpu_flags", lambda: frozenset(vnni._REQUIRED_CPU_FLAGS))
+    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset(native.ISA_FLAGS["avx2"]))
     monkeypatch.setenv("CXX", "no-such-compiler-xyz")
-    assert vnni._load(Path("/nonexistent")) == (None, "no C++ compiler (no-such-compiler-xyz)")
+    assert native._load(Path("/nonexistent")) == (None, "no C++ compiler (no-such-compiler-xyz)")
+
+
+@pytest.mark.usefixtures("kernel")
+def test_the_build_uses_the_fastest_instruction_set_the_cpu_has() -> None:
+    assert native._kernel().isa == native.expected_isa(native.cpu_flags())
+    assert native.backend_name() == f"native ({native._kernel().isa})"
+    avx512 = frozenset(native.ISA_FLAGS["avx512-vnni"])
+    assert native.expected_isa(avx512 | {"avx2", "fma"}) == "avx512-vnni"
+    assert native.expected_isa(frozenset({"avx2", "fma", "avx512f", "avx512bw"})) == "avx2"
+    assert native.expected_isa(frozenset({"avx2", "avx"})) is None
 
 
 def test_packing_round_trips_exactly() -> None:
     qweight, scale = official(70, 300)
-    packed = vnni.PackedInt4.from_official(qweight, scale)
+    packed = native.PackedInt4.from_official(qweight, scale)
     full = dequantized(qweight, scale)
 
     assert (packed.out_features, packed.in_features, packed.padded_in) == (70, 300, 320)
@@ -192,14 +203,14 @@ def test_packing_round_trips_exactly() -> None:
 @pytest.mark.parametrize(("out", "in_features"), [(70, 300), (64, 256), (3, 2)])
 def test_compiled_packing_equals_the_torch_packing(out: int, in_features: int) -> None:
     qweight, _ = official(out, in_features)
-    assert torch.equal(vnni._kernel().pack_official(qweight), vnni.pack_python(qweight))
+    assert torch.equal(native._kernel().pack_official(qweight), native.pack_python(qweight))
 
 
 def test_from_float_quantizes_the_official_way() -> None:
     weight = torch.randn(40, 256).half()
     weight[3] = 0  # an all-zero row must not divide by zero
 
-    packed = vnni.PackedInt4.from_float(weight)
+    packed = native.PackedInt4.from_float(weight)
 
     # chatglm2's quantize(): fp16 arithmetic throughout.
     scale = weight.abs().max(dim=-1).values / 7
@@ -210,27 +221,27 @@ def test_from_float_quantizes_the_official_way() -> None:
 
 def test_bad_inputs_are_rejected() -> None:
     qweight, scale = official(32, 128)
-    packed = vnni.PackedInt4.from_official(qweight, scale)
+    packed = native.PackedInt4.from_official(qweight, scale)
     with pytest.raises(ValueError, match="int8"):
-        vnni.PackedInt4.from_official(qweight.view(torch.uint8), scale)
+        native.PackedInt4.from_official(qweight.view(torch.uint8), scale)
     with pytest.raises(ValueError, match="scale"):
-        vnni.PackedInt4.from_official(qweight, scale[:10])
+        native.PackedInt4.from_official(qweight, scale[:10])
     with pytest.raises(ValueError, match="128 features"):
-        vnni.int4_linear(torch.randn(2, 100), packed)
+        native.int4_linear(torch.randn(2, 100), packed)
     with pytest.raises(TypeError, match="float32 or bfloat16"):
-        vnni.int4_linear(torch.randn(2, 128).half(), packed)
+        native.int4_linear(torch.randn(2, 128).half(), packed)
     with pytest.raises(ValueError, match="bias"):
-        vnni.int4_linear(torch.randn(2, 128), packed, torch.zeros(31))
+        native.int4_linear(torch.randn(2, 128), packed, torch.zeros(31))
 
 
 @pytest.mark.usefixtures("kernel")
 def test_second_process_loads_the_cached_build() -> None:
-    library = Path(vnni._kernel().__file__)  # <cache dir>/int4_vnni-<key>/<name>.so, whoever built it
+    library = Path(native._kernel().__file__)  # <cache dir>/int4_native-<key>/<name>.so, whoever built it
     mtime = library.stat().st_mtime_ns
     script = (
         "import logging, sys; from pathlib import Path; logging.basicConfig(level=logging.INFO);"
-        "from bot.model.kernels import vnni; vnni.configure(cache_dir=Path(sys.argv[1]));"
-        "assert vnni.available(), vnni.backend_name()"
+        "from bot.model.kernels import native; native.configure(cache_dir=Path(sys.argv[1]));"
+        "assert native.available(), native.backend_name()"
     )
     done = subprocess.run(
         [sys.executable, "-c", script, str(library.parent.parent)],
@@ -241,17 +252,18 @@ def test_second_process_loads_the_cached_build() -> None:
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert done.returncode == 0, done.stderr
-    assert f"int4 matmul kernel: vnni (loaded from cache, {library.parent})" in done.stderr
+    isa = native._kernel().isa
+    assert f"int4 matmul kernel: native {isa} (loaded from cache, {library.parent})" in done.stderr
     assert library.stat().st_mtime_ns == mtime
 
 
 def test_a_kernel_that_fails_its_self_test_is_not_used() -> None:
     class Broken:
         def pack_official(self, qweight: torch.Tensor) -> torch.Tensor:
-            return vnni.pack_python(qweight)
+            return native.pack_python(qweight)
 
         def int4_linear(self, x: torch.Tensor, *_: object) -> torch.Tensor:
             return torch.zeros(x.shape[0], 40)
 
-    with pytest.raises(vnni._Unavailable, match="self-test failed"):
-        vnni._self_test(Broken())
+    with pytest.raises(native._Unavailable, match="self-test failed"):
+        native._self_test(Broken())

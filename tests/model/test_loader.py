@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from bot.model import loader
-from bot.model.kernels import vnni
+from bot.model.kernels import native
 from bot.model.loader import ModelLoadError, load_model, resolve_model_path
 from bot.model.model import ChatGLM2
 from bot.model.quant import Int4Linear
@@ -111,19 +111,19 @@ def test_auto_dtype_is_bfloat16_with_the_fastest_int4_kernel_for_an_fp16_checkpo
     with caplog.at_level(logging.INFO, logger="bot.model.loader"):
         model, _, _ = load_model(tiny_dir("int4"), device="cpu")  # config torch_dtype float16
     assert model.compute_dtype == torch.bfloat16
-    want = "vnni" if vnni.available() else "packed-cpu"
+    want = "native" if native.available() else "packed-cpu"
     assert int4_layer_backends(model) == {want}
     assert sum(f"int4 matmul {want}" in r.getMessage() for r in caplog.records) == 1  # logged once
 
 
-@pytest.mark.parametrize("int4_kernel", ["auto", "vnni"])
-def test_vnni_kernel_runs_every_int4_layer_and_a_two_term_output_layer(int4_kernel: str) -> None:
-    if not vnni.available():
-        pytest.skip(f"int4 VNNI kernel unavailable here: {vnni.backend_name()}")
+@pytest.mark.parametrize("int4_kernel", ["auto", "native"])
+def test_native_kernel_runs_every_int4_layer_and_a_two_term_output_layer(int4_kernel: str) -> None:
+    if not native.available():
+        pytest.skip(f"native int4 kernel unavailable here: {native.backend_name()}")
     model, _, _ = load_model(tiny_dir("int4"), dtype="bfloat16", device="cpu", int4_kernel=int4_kernel)
     head = model.transformer.output_layer
-    assert int4_layer_backends(model) == {"vnni"}
-    assert isinstance(head, Int4Linear) and head.backend == "vnni" and head.terms == 2
+    assert int4_layer_backends(model) == {"native"}
+    assert isinstance(head, Int4Linear) and head.backend == "native" and head.terms == 2
     assert head.weight.numel() == 0 and model.device.type == "cpu"  # official tensors dropped
 
 
@@ -140,17 +140,17 @@ def test_torch_int4_kernel_keeps_pytorch_kernels_and_a_dense_output_layer() -> N
 
 
 @pytest.mark.usefixtures("no_kernel")
-def test_without_the_kernel_auto_falls_back_and_vnni_is_an_error() -> None:
+def test_without_the_kernel_auto_falls_back_and_native_is_an_error() -> None:
     model, _, _ = load_model(tiny_dir("int4"), dtype="bfloat16", device="cpu")
     assert int4_layer_backends(model) == {"packed-cpu"}
-    with pytest.raises(ModelLoadError, match="int4_kernel 'vnni' requested but the kernel is unavailable"):
-        load_model(tiny_dir("int4"), device="cpu", int4_kernel="vnni")
+    with pytest.raises(ModelLoadError, match="int4_kernel 'native' requested but the kernel is unavailable"):
+        load_model(tiny_dir("int4"), device="cpu", int4_kernel="native")
 
 
-@pytest.mark.parametrize("int4_kernel", ["auto", "vnni", "torch"])
+@pytest.mark.parametrize("int4_kernel", ["auto", "native", "torch"])
 def test_float32_is_the_exact_reference_whatever_the_int4_kernel(int4_kernel: str) -> None:
-    if int4_kernel == "vnni" and not vnni.available():
-        pytest.skip(f"int4 VNNI kernel unavailable here: {vnni.backend_name()}")
+    if int4_kernel == "native" and not native.available():
+        pytest.skip(f"native int4 kernel unavailable here: {native.backend_name()}")
     got = last_logits(tiny_dir("int4"), int4_kernel=int4_kernel)
     torch.testing.assert_close(got, want("int4"), atol=1e-4, rtol=0)
 

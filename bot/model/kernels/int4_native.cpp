@@ -1,9 +1,11 @@
-// int4 weights x int8 activations on AVX512-VNNI, for ChatGLM2's per-row-scaled INT4 linears.
+// int4 weights x int8 activations on AVX512-VNNI or AVX2, for ChatGLM2's per-row-scaled INT4 linears.
 //
-// Weights are repacked at load (see vnni.py) as unsigned nibbles u = q + 8 in tiles of 32 output rows:
+// Weights are repacked at load (see native.py) as unsigned nibbles u = q + 8 in tiles of 32 output rows:
 //   packed[tile][k8][group g][lane][j] = u[o][8*k8 + j] | u[o][8*k8 + 4 + j] << 4,  o = 32*tile + 16*g + lane
 // so one 64-byte load holds 4+4 k-values for 16 rows and VPDPBUSD (u8 x s8, 4 products per int32 lane)
-// accumulates 16 output rows per register with no horizontal reduction. Activations are quantized per row
+// accumulates 16 output rows per register with no horizontal reduction. AVX2 reads the same layout 32
+// bytes (8 rows) at a time and gets the same 4-product int32 lanes from VPMADDUBSW + VPMADDWD; both
+// compute the same integers and apply the scales in the same order. Activations are quantized per row
 // in blocks of kBlock values (llama.cpp q8 style); the +8 weight offset is removed with the exact correction
 //   sum_k u*x = sum_k q*x + 8*sum_k x,
 // which, as every output row shares it, folds into one float per token row.
@@ -20,8 +22,10 @@
 #include <cstdint>
 #include <cstring>
 
-#if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VL__) || !defined(__AVX512VNNI__)
-#error "int4_vnni.cpp needs AVX512F/BW/VL and AVX512-VNNI: build with -march=native on such a CPU"
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define INT4_AVX512_VNNI 1
+#elif !defined(__AVX2__) || !defined(__FMA__)
+#error "int4_native.cpp needs AVX512-VNNI (with F/BW/VL) or AVX2 + FMA: build with -march=native on such a CPU"
 #endif
 
 namespace {
@@ -30,7 +34,20 @@ constexpr int64_t kBlock = 32;       // activation values sharing one int8 scale
 constexpr int64_t kTileRows = 32;    // output rows per weight tile: two registers of 16 int32 lanes
 constexpr int64_t kStepBytes = 128;  // one tile's 8 k-values: 32 rows x 8 nibbles
 constexpr int64_t kSteps = kBlock / 8;
-constexpr int kMaxTokens = 4;        // token rows sharing each unpacked weight register
+
+struct Problem {
+  const uint8_t* w;
+  const float* wscale;  // per padded output row
+  const float* bias;    // nullptr or [out]
+  int8_t* q;            // [n, kp], quantized activations
+  float* sx;            // [n, nb], their scales
+  float* corr;          // [n], their weight-offset corrections
+  int64_t out, kp, nb;
+};
+
+#ifdef INT4_AVX512_VNNI
+constexpr const char* kIsa = "avx512-vnni";
+constexpr int kMaxTokens = 4;  // token rows sharing each unpacked weight register
 
 inline __mmask16 tail_mask(int64_t n) {
   return n >= 16 ? static_cast<__mmask16>(0xFFFF) : n <= 0 ? 0 : static_cast<__mmask16>((1u << n) - 1);
@@ -125,16 +142,6 @@ inline void tile_dot(const uint8_t* w, const int8_t* q, int64_t kp, const float*
   }
 }
 
-struct Problem {
-  const uint8_t* w;
-  const float* wscale;  // per padded output row
-  const float* bias;    // nullptr or [out]
-  int8_t* q;            // [n, kp], quantized activations
-  float* sx;            // [n, nb], their scales
-  float* corr;          // [n], their weight-offset corrections
-  int64_t out, kp, nb;
-};
-
 template <int T, typename Out>
 void run_tile(const Problem& p, int64_t tile, int64_t t0, Out* y) {
   __m512 acc[T][2];
@@ -151,6 +158,166 @@ void run_tile(const Problem& p, int64_t tile, int64_t t0, Out* y) {
     }
   }
 }
+
+#else
+constexpr const char* kIsa = "avx2";
+constexpr int kMaxTokens = 4;  // token rows sharing each unpacked weight register
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+
+inline __m256 load8(const at::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// Stores n <= 8 values; a short tail goes through a buffer (AVX2 has no masked 16-bit stores).
+inline void store8(float* p, __m256 v, int64_t n) {
+  if (n >= 8) {
+    _mm256_storeu_ps(p, v);
+    return;
+  }
+  alignas(32) float buf[8];
+  _mm256_store_ps(buf, v);
+  std::memcpy(p, buf, n * sizeof(float));
+}
+
+inline void store8(at::BFloat16* p, __m256 v, int64_t n) {
+  if (n < 8) {
+    alignas(32) float buf[8];
+    _mm256_store_ps(buf, v);
+    for (int64_t i = 0; i < n; ++i) p[i] = at::BFloat16(buf[i]);  // c10 rounds as the vector path does
+    return;
+  }
+  // Round to nearest even, as torch's float -> bfloat16 conversion does; NaN maps to the quiet NaN.
+  __m256i b = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  b = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+  b = _mm256_blendv_epi8(b, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(nan));
+  const __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+}
+
+inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+inline int32_t hsum(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+}
+
+// As the AVX512 quantize_row: same scales, same rounding, same int8 values.
+template <typename In>
+float quantize_row(const In* x, int64_t k, int64_t kp, int8_t* q, float* scales) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  float corr = 0.f;
+  for (int64_t k0 = 0; k0 < kp; k0 += kBlock) {
+    __m256 v[4];
+    if (k0 + kBlock <= k) {
+      for (int c = 0; c < 4; ++c) v[c] = load8(x + k0 + 8 * c);
+    } else {  // the zero-padded last block
+      alignas(32) float buf[kBlock] = {};
+      for (int64_t i = k0; i < k; ++i) buf[i - k0] = static_cast<float>(x[i]);
+      for (int c = 0; c < 4; ++c) v[c] = _mm256_load_ps(buf + 8 * c);
+    }
+    __m256 amax = _mm256_setzero_ps();
+    for (int c = 0; c < 4; ++c) amax = _mm256_max_ps(amax, _mm256_and_ps(v[c], abs_mask));
+    const float d = hmax(amax) / 127.f;
+    const __m256 inv = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f);
+    __m256i iv[4];
+    __m256i sum = _mm256_setzero_si256();
+    for (int c = 0; c < 4; ++c) {
+      iv[c] = _mm256_cvtps_epi32(_mm256_mul_ps(v[c], inv));
+      sum = _mm256_add_epi32(sum, iv[c]);
+    }
+    // The packs work per 128-bit lane: gather the 4-byte groups back into order.
+    const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(iv[0], iv[1]), _mm256_packs_epi32(iv[2], iv[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k0),
+                        _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    scales[k0 / kBlock] = d;
+    corr += d * static_cast<float>(hsum(sum));
+  }
+  return -8.f * corr;
+}
+
+// Rows [8 * r0, 8 * (r0 + R)) of one weight tile for T token rows. Within a block, the VPMADDUBSW pair
+// sums add up in int16 lanes: 16 products of |u| <= 15 and |q| <= 127 stay below 32767, so one VPMADDWD
+// per block widens them.
+template <int T, int R, typename Out>
+void run_rows(const Problem& p, int64_t tile, int64_t t0, int r0, Out* y) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i ones = _mm256_set1_epi16(1);
+  const uint8_t* w = p.w + tile * (p.kp / 8) * kStepBytes + r0 * 32;
+  const int8_t* q = p.q + t0 * p.kp;
+  const float* sx = p.sx + t0 * p.nb;
+  __m256 acc[T][R];
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < p.nb; ++b) {
+    __m256i ia[T][R];
+    for (int t = 0; t < T; ++t)
+      for (int r = 0; r < R; ++r) ia[t][r] = _mm256_setzero_si256();
+    const uint8_t* wb = w + b * kSteps * kStepBytes;
+    const int8_t* qb = q + b * kBlock;
+#pragma GCC unroll 4
+    for (int64_t s = 0; s < kSteps; ++s) {
+      __m256i lo[R], hi[R];
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + s * kStepBytes + r * 32));
+        lo[r] = _mm256_and_si256(raw, low4);
+        hi[r] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low4);
+      }
+#pragma GCC unroll 8
+      for (int t = 0; t < T; ++t) {
+        int32_t xl, xh;
+        std::memcpy(&xl, qb + t * p.kp + s * 8, 4);
+        std::memcpy(&xh, qb + t * p.kp + s * 8 + 4, 4);
+        const __m256i vl = _mm256_set1_epi32(xl), vh = _mm256_set1_epi32(xh);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+          const __m256i sum = _mm256_add_epi16(_mm256_maddubs_epi16(lo[r], vl), _mm256_maddubs_epi16(hi[r], vh));
+          ia[t][r] = _mm256_add_epi16(ia[t][r], sum);
+        }
+      }
+    }
+    for (int t = 0; t < T; ++t) {
+      const __m256 s = _mm256_set1_ps(sx[t * p.nb + b]);
+      for (int r = 0; r < R; ++r) {
+        acc[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(ia[t][r], ones)), s, acc[t][r]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const int64_t o = tile * kTileRows + (r0 + r) * 8;
+    const int64_t n = std::min<int64_t>(8, p.out - o);
+    if (n <= 0) continue;
+    const __m256 ws = _mm256_loadu_ps(p.wscale + o);
+    __m256 bias = _mm256_setzero_ps();
+    if (p.bias != nullptr) {
+      alignas(32) float buf[8] = {};
+      std::memcpy(buf, p.bias + o, n * sizeof(float));
+      bias = _mm256_load_ps(buf);
+    }
+    for (int t = 0; t < T; ++t) {
+      const __m256 v = _mm256_fmadd_ps(_mm256_add_ps(acc[t][r], _mm256_set1_ps(p.corr[t0 + t])), ws, bias);
+      store8(y + (t0 + t) * p.out + o, v, n);
+    }
+  }
+}
+
+// 16 ymm registers: one token row keeps two 8-row groups in flight to hide VPMADDUBSW latency; more
+// token rows work on one 8-row group at a time so their accumulators stay in registers.
+template <int T, typename Out>
+void run_tile(const Problem& p, int64_t tile, int64_t t0, Out* y) {
+  constexpr int R = T == 1 ? 4 : T <= 4 ? 2 : 1;
+  for (int r0 = 0; r0 < kTileRows / 8; r0 += R) run_rows<T, R>(p, tile, t0, r0, y);
+}
+#endif
 
 using Clock = std::chrono::steady_clock;
 
@@ -195,6 +362,18 @@ void parallel_chunks(int64_t items, bool long_call, const Work& work) {
   }
 }
 
+// run_tile<rest> for 0 <= rest <= T.
+template <int T, typename Out>
+void run_rest(const Problem& p, int64_t tile, int64_t t0, int64_t rest, Out* y) {
+  if constexpr (T > 0) {
+    if (rest == T) {
+      run_tile<T>(p, tile, t0, y);
+    } else {
+      run_rest<T - 1>(p, tile, t0, rest, y);
+    }
+  }
+}
+
 template <typename X>
 void run(const Problem& p, const X* x, int64_t n, int64_t k, X* y, int64_t tiles) {
   // Serial: ~1 us per 4096 values, a few percent of a prefill matmul, and a parallel call this short
@@ -208,12 +387,7 @@ void run(const Problem& p, const X* x, int64_t n, int64_t k, X* y, int64_t tiles
       // L1/L2, so a prefill reads the weights from memory once.
       int64_t t0 = 0;
       for (; t0 + kMaxTokens <= n; t0 += kMaxTokens) run_tile<kMaxTokens>(p, tile, t0, y);
-      switch (n - t0) {
-        case 3: run_tile<3>(p, tile, t0, y); break;
-        case 2: run_tile<2>(p, tile, t0, y); break;
-        case 1: run_tile<1>(p, tile, t0, y); break;
-        default: break;
-      }
+      run_rest<kMaxTokens - 1>(p, tile, t0, n - t0, y);
     }
   });
 }
@@ -309,7 +483,8 @@ torch::Tensor pack_official(const torch::Tensor& qweight) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("int4_linear", &int4_linear, "y[N, out] = x[N, in] @ W.T (+ bias), int4 W x int8 x on AVX512-VNNI",
+  m.attr("isa") = kIsa;
+  m.def("int4_linear", &int4_linear, "y[N, out] = x[N, in] @ W.T (+ bias), int4 W x int8 x",
         pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("scale"), pybind11::arg("out_features"),
         pybind11::arg("bias") = pybind11::none(),
         // The event loop shares this process: let it run while the matmul does.

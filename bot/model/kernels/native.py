@@ -1,10 +1,11 @@
-"""int4 x int8 matmul on AVX512-VNNI (int4_vnni.cpp): JIT build, cache, weight repacking, exact fallback.
+"""int4 x int8 matmul in C++ (int4_native.cpp): JIT build, cache, weight repacking, exact fallback.
 
-The C++ kernel is compiled on first use with torch.utils.cpp_extension (gcc -O3 -march=native -fopenmp)
-into a cache directory keyed by the source, the CPU flags, torch's version, the compiler and the flags, so
-later processes only load it. Where there is no compiler, no ninja or no AVX512-VNNI, or the kernel is
-disabled, ``int4_linear`` computes the exact float32 reference ``x @ (q * scale).T`` instead; which of the
-two runs is logged once.
+The kernel has two instruction-set paths over one weight layout, picked at compile time by -march=native:
+AVX512-VNNI (VPDPBUSD) and AVX2 (VPMADDUBSW + VPMADDWD); both compute the same integer sums. It is compiled on first use with torch.utils.cpp_extension (gcc -O3
+-march=native -fopenmp) into a cache directory keyed by the source, the CPU flags, torch's version, the
+compiler and the flags, so later processes only load it. Where there is no compiler, no ninja or neither
+instruction set, or the kernel is disabled, ``int4_linear`` computes the exact float32 reference
+``x @ (q * scale).T`` instead; which of them runs is logged once.
 """
 
 from __future__ import annotations
@@ -26,10 +27,14 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("int4_vnni.cpp")
+SOURCE = Path(__file__).with_name("int4_native.cpp")
 BLOCK = 32  # activation values per int8 scale; in_features is padded to a multiple (kBlock in C++)
 TILE_ROWS = 32  # output rows per packed tile (kTileRows in C++)
-_REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
+# The kernel's paths, fastest first, with the /proc/cpuinfo flags each needs.
+ISA_FLAGS: dict[str, tuple[str, ...]] = {
+    "avx512-vnni": ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
+    "avx2": ("avx2", "fma"),
+}
 _CFLAGS = ("-O3", "-march=native", "-fopenmp")
 _LDFLAGS = ("-fopenmp",)
 _CHUNK_ROWS = 4096  # rows converted at once, so packing or the fallback never holds a whole fp32 matrix
@@ -68,14 +73,15 @@ def configure(*, enabled: bool = True, cache_dir: Path | None = None) -> None:
 
 
 def available() -> bool:
-    """Whether ``int4_linear`` runs the VNNI kernel; builds or loads it on the first call."""
+    """Whether ``int4_linear`` runs the native kernel; builds or loads it on the first call."""
     return _kernel() is not None
 
 
 def backend_name() -> str:
-    """``"vnni"``, or why the kernel is not used."""
-    if _kernel() is not None:
-        return "vnni"
+    """``"native (<instruction set>)"``, or why the kernel is not used."""
+    module = _kernel()
+    if module is not None:
+        return f"native ({module.isa})"
     return "disabled by configuration" if not _state.enabled else _state.reason
 
 
@@ -113,7 +119,7 @@ def build_dir(cache_dir: Path, compiler_version: str) -> Path:
     ):
         digest.update(part)
         digest.update(b"\0")
-    return cache_dir / f"int4_vnni-{digest.hexdigest()[:16]}"
+    return cache_dir / f"int4_native-{digest.hexdigest()[:16]}"
 
 
 def _load(cache_dir: Path) -> tuple[ModuleType | None, str]:
@@ -123,8 +129,13 @@ def _load(cache_dir: Path) -> tuple[ModuleType | None, str]:
     except _Unavailable as exc:
         logger.warning("int4 matmul kernel unavailable (%s); using the float32 reference", exc)
         return None, str(exc)
-    logger.info("int4 matmul kernel: vnni (%s)", how)
-    return module, "vnni"
+    logger.info("int4 matmul kernel: native %s (%s)", module.isa, how)
+    return module, "native"
+
+
+def expected_isa(flags: frozenset[str]) -> str | None:
+    """The kernel path a CPU with these flags compiles to, or None."""
+    return next((isa for isa, needs in ISA_FLAGS.items() if all(flag in flags for flag in needs)), None)
 
 
 class _Unavailable(Exception):
@@ -132,9 +143,9 @@ class _Unavailable(Exception):
 
 
 def _build(cache_dir: Path) -> tuple[ModuleType, str]:
-    missing = [flag for flag in _REQUIRED_CPU_FLAGS if flag not in cpu_flags()]
-    if missing:
-        raise _Unavailable(f"CPU lacks {', '.join(missing)}")
+    isa = expected_isa(cpu_flags())
+    if isa is None:
+        raise _Unavailable(f"CPU lacks {' and '.join('/'.join(flags) for flags in ISA_FLAGS.values())}")
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         raise _Unavailable(f"no C++ compiler ({compiler})")
@@ -152,7 +163,7 @@ def _build(cache_dir: Path) -> tuple[ModuleType, str]:
         ).stdout.partition("\n")[0]
         directory = build_dir(cache_dir, version)
         directory.mkdir(parents=True, exist_ok=True)
-        name = f"chatglm_int4_{directory.name.removeprefix('int4_vnni-')}"
+        name = f"chatglm_int4_{directory.name.removeprefix('int4_native-')}"
         cached = (directory / f"{name}.so").exists()
         started = time.monotonic()
         module = cpp_extension.load(
@@ -165,6 +176,8 @@ def _build(cache_dir: Path) -> tuple[ModuleType, str]:
         )
     except Exception as exc:  # compiler errors surface as several exception types; all mean "no kernel"
         raise _Unavailable(f"build failed: {str(exc).strip()[-500:]}") from exc
+    if module.isa != isa:  # -march=native disagreeing with /proc/cpuinfo: a stale or foreign build
+        raise _Unavailable(f"built for {module.isa}, expected {isa}")
     _self_test(module)
     how = "loaded from cache" if cached else f"compiled in {time.monotonic() - started:.0f} s"
     return module, f"{how}, {directory}"
@@ -187,7 +200,7 @@ def _self_test(module: Any) -> None:
 class PackedInt4:
     """Per-row-scaled int4 weights ([out, in], value q * scale, q in [-8, 7]) in the kernel's layout.
 
-    ``packed`` holds u = q + 8 nibbles in tiles of 32 rows (layout documented in int4_vnni.cpp), with
+    ``packed`` holds u = q + 8 nibbles in tiles of 32 rows (layout documented in int4_native.cpp), with
     rows padded to a multiple of 32 and columns to a multiple of BLOCK (padding: q = 0, scale = 0).
     """
 
@@ -260,7 +273,7 @@ def _padded(size: int, multiple: int) -> int:
 
 
 def pack_python(qweight: torch.Tensor) -> torch.Tensor:
-    """The kernel's layout built with torch ops (int4_vnni.cpp's pack_official without a compiler)."""
+    """The kernel's layout built with torch ops (int4_native.cpp's pack_official without a compiler)."""
     out, half = qweight.shape
     tiles, padded_in = _padded(out, TILE_ROWS) // TILE_ROWS, _padded(2 * half, BLOCK)
     tile_bytes = padded_in * TILE_ROWS // 2
