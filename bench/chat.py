@@ -198,7 +198,7 @@ async def run(args: Any) -> dict[str, Any]:
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--threads", type=int, default=2)
@@ -214,6 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.turns < 2 or min(args.concurrency) < 1:
         parser.error("--turns must be >= 2 and --concurrency values >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     threads = torch.get_num_threads()
     try:
         report = asyncio.run(run(args))

@@ -1,9 +1,10 @@
 """int4 x int8 matmul in C++ (int4_native.cpp): JIT build, cache, weight repacking, exact fallback.
 
 The kernel has two instruction-set paths over one weight layout, picked at compile time by -march=native:
-AVX512-VNNI (VPDPBUSD) and AVX2 (VPMADDUBSW + VPMADDWD); both compute the same integer sums. It is compiled on first use with torch.utils.cpp_extension (gcc -O3
--march=native -fopenmp) into a cache directory keyed by the source, the CPU flags, torch's version, the
-compiler and the flags, so later processes only load it. Where there is no compiler, no ninja or neither
+AVX512-VNNI (VPDPBUSD) and AVX2 (VPMADDUBSW + VPMADDWD); both compute the same integer sums. It is
+compiled on first use with torch.utils.cpp_extension (gcc -O3 -march=native -fopenmp) into a cache
+directory keyed by the source, the CPU flags, torch's version, the compiler and the flags, so later
+processes only load it. Where there is no compiler, no ninja or neither
 instruction set, or the kernel is disabled, ``int4_linear`` computes the exact float32 reference
 ``x @ (q * scale).T`` instead; which of them runs is logged once.
 """
