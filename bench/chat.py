@@ -5,11 +5,10 @@ Every turn asks ~``--query-tokens`` new tokens and gets a greedy ``--answer-toke
 weights rarely emit eos; the measured counts are used anyway). TTFT is the time from
 ``service.stream()`` to the first text delta, as a user sees it. ``turn10_full_prefill`` asks turn 10's
 exact request with no conversation key, so nothing is reused. ``prefill`` reports, for the same
-three requests, the prompt length, the tokens whose KV was reused and the prefill seconds (recorded
-around the generator's ``begin``). A short warm-up request runs first. Decode throughput for N
-conversations: N requests (no conversation key: no KV is kept after them) are queued at once, so all
-are prefilled before the first step, and tokens are counted from the moment the last one streamed
-its first text until all are done.
+three requests, the prompt length, the tokens whose KV was reused and the prefill seconds (summed
+over its prefill chunks). A short warm-up request runs first. Decode throughput for N conversations:
+N requests (no conversation key: no KV is kept after them) are queued at once, and tokens are counted
+from the moment the last one streamed its first text (all prefills done) until all are done.
 
     python bench/chat.py [--model DIR] [--threads 2] [--turns 10] [--concurrency 1 2 4 8] --json
 """

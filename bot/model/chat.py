@@ -2,8 +2,13 @@
 sampling defaults, ``process_response``), with batched decoding and prefix KV reuse.
 
 Batching: each request owns one row of the model's KV cache (``max_batch_size`` rows). ``begin``
-prefills a request into a free row; ``step`` samples every running row with its own parameters and then
-runs ONE forward over rows ``0 .. top`` at each row's own position; ``finish`` frees the row. A row that
+takes a free row for a request; ``step`` samples every running row with its own parameters and then
+runs ONE forward over rows ``0 .. top`` at each row's own position; ``finish`` frees the row.
+
+Prefill is chunked: each ``step`` (``begin`` too) prefills at most ``prefill_chunk_tokens`` of the
+oldest request still prefilling, after the decode forward. A long prompt so pauses the other streams
+for one chunk at a time instead of its whole prefill, and activation memory is bounded by the chunk.
+Each chunk reads the weights once more, which is small next to its compute (~2-5 % at 64 tokens). A row that
 is not advancing in a step (free, or already done) gets a dummy token written at its next free slot,
 which is never read and is overwritten by that row's next real token, so it needs no masking.
 
@@ -52,6 +57,7 @@ log = logging.getLogger(__name__)
 _PLACEHOLDER = "[[训练时间]]"
 _MB = 1 << 20
 FIXUP_MAX_TOKENS = 256
+PREFILL_CHUNK_TOKENS = 64
 
 
 class ResponseStreamer:
@@ -110,17 +116,23 @@ class ChatState:
     budget: int  # most new tokens (max_new_tokens, capped by the context limit)
     sampling: SamplingParams
     rng: torch.Generator | None
-    logits: torch.Tensor  # raw logits [V] for the next token
-    first_logits: torch.Tensor  # float32 copy of the prefill's logits
     reused: int  # prompt tokens whose KV came from the prefix cache
-    prefill_s: float
     decoder: StreamDecoder
+    prefilled: int = 0  # prompt slots whose KV is in the row (reused ones included)
+    logits: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # raw [V] for the next token
+    first_logits: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # float32, of the prefill
+    prefill_s: float = 0.0
+    error: Exception | None = None  # a prefill chunk failed: finish() raises it
     streamer: ResponseStreamer = field(default_factory=ResponseStreamer)
     tokens: list[int] = field(default_factory=list)  # sampled ids, a final eos included
     decode_s: float = 0.0
     stopped: bool = False  # should_stop() ended it
     done: bool = False  # eos, a token limit or should_stop(): finish() may be called
     released: bool = False  # finish() freed the row
+
+    @property
+    def prefilling(self) -> bool:
+        return not self.done and self.prefilled < len(self.prompt_ids)
 
 
 class ChatGLM2Generator:
@@ -132,9 +144,13 @@ class ChatGLM2Generator:
         *,
         max_batch_size: int = 8,
         prefix_cache_mb: int = 1024,
+        prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if prefill_chunk_tokens < 1:
+            raise ValueError(f"prefill_chunk_tokens must be >= 1, got {prefill_chunk_tokens}")
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
@@ -194,7 +210,8 @@ class ChatGLM2Generator:
         on_text: Callable[[str], None],
         should_stop: Callable[[], bool],
     ) -> ChatState:
-        """Prefill ``request`` into a free cache row, reusing its conversation's kept KV."""
+        """Take a free cache row for ``request``, reuse its conversation's kept KV and prefill the first
+        chunk of the rest (``step`` prefills the others)."""
         params = request.params
         if params.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
@@ -219,7 +236,8 @@ class ChatGLM2Generator:
                 reused = min(common_prefix_length(cached.ids, prompt), len(prompt) - 1)
                 if reused:
                     self.model.write_kv(row, cached.kv[:, :, :, :reused])
-            logits = self._prefill(row, prompt, reused)
+            end = min(len(prompt), reused + self.prefill_chunk_tokens)
+            logits = self._prefill(row, prompt[:end], reused)
         except BaseException:
             if cached is not None:
                 self.prefix_cache.put(request.conversation, cached)
@@ -234,19 +252,20 @@ class ChatGLM2Generator:
             budget=min(params.max_new_tokens, limit - len(prompt)),
             sampling=sampling,
             rng=rng,
-            logits=logits,
-            first_logits=logits.float().cpu(),
             reused=reused,
-            prefill_s=time.perf_counter() - started,
             decoder=self.tokenizer.stream_decoder(),
         )
+        self._prefilled(state, end, logits, time.perf_counter() - started)
         self._rows[row] = state
         return state
 
     def step(self, states: Sequence[DecodeState]) -> None:
-        """Sample one token for every running state, then one forward for those that go on."""
+        """Sample one token for every prefilled running state, one forward for those that go on, then
+        one prefill chunk of the first state still prefilling."""
+        owned = [self._own(state) for state in states]
         started = time.perf_counter()
-        advancing = [state for state in map(self._own, states) if not state.done and self._sample(state)]
+        ready = [state for state in owned if not state.done and not state.prefilling]
+        advancing = [state for state in ready if self._sample(state)]
         if advancing:
             top = max(state.row for state in advancing) + 1
             ids = torch.zeros((top, 1), dtype=torch.long)
@@ -266,9 +285,12 @@ class ChatGLM2Generator:
         elapsed = time.perf_counter() - started
         for state in advancing:
             state.decode_s += elapsed
+        pending = next((state for state in owned if state.prefilling), None)
+        if pending is not None:
+            self._prefill_chunk(pending)
 
     def finish(self, state: DecodeState) -> GenerationResult:
-        """Flush the text, keep the conversation's KV, free the row."""
+        """Flush the text, keep the conversation's KV, free the row; raises a prefill's error."""
         own = self._own(state)
         try:
             tail = own.streamer.push(own.decoder.flush()) + own.streamer.finish()
@@ -279,6 +301,8 @@ class ChatGLM2Generator:
         finally:
             own.released = True
             del self._rows[own.row]
+        if own.error is not None:
+            raise own.error
         tokens = own.tokens
         eos = 1 if tokens and tokens[-1] == self.tokenizer.eos_id else 0
         return GenerationResult(
@@ -332,6 +356,28 @@ class ChatGLM2Generator:
             raise ValueError("not a running state of this generator")
         return state
 
+    def _prefill_chunk(self, state: ChatState) -> None:
+        """The next chunk of ``state``'s prompt; a failure ends that state only."""
+        if state.should_stop():
+            state.stopped = state.done = True
+            return
+        started = time.perf_counter()
+        end = min(len(state.prompt_ids), state.prefilled + self.prefill_chunk_tokens)
+        try:
+            logits = self._prefill(state.row, state.prompt_ids[:end], state.prefilled)
+        except Exception as exc:  # finish() raises it, for the caller to report
+            state.error, state.done = exc, True
+            return
+        self._prefilled(state, end, logits, time.perf_counter() - started)
+
+    @staticmethod
+    def _prefilled(state: ChatState, end: int, logits: torch.Tensor, seconds: float) -> None:
+        state.prefilled = end
+        state.prefill_s += seconds
+        if end == len(state.prompt_ids):
+            state.logits = logits
+            state.first_logits = logits.float().cpu()
+
     def _prefill(self, row: int, ids: Sequence[int], start: int) -> torch.Tensor:
         """Run ``ids[start:]`` at positions ``start..`` in ``row`` -> raw logits [V] of the last one."""
         device = self.model.device
@@ -361,10 +407,10 @@ class ChatGLM2Generator:
 
     def _keep_prefix(self, state: ChatState) -> None:
         """Store the row's KV for the conversation's next turn (an optimisation: failures are logged)."""
-        ids = state.prompt_ids  # prefill-computed KV only
+        ids = state.prompt_ids[: state.prefilled]  # prefill-computed KV only
         others_decoding = any(not other.done for other in self._rows.values() if other is not state)
         try:
-            if not state.stopped and not others_decoding:
+            if not state.stopped and state.error is None and not others_decoding:
                 target = self.tokenizer.encode(next_turn_text(state.request, state.streamer.text))
                 start = common_prefix_length(ids, target)
                 if start < len(target) < self.max_context_tokens and len(target) - start <= FIXUP_MAX_TOKENS:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import pytest
+import torch
 
 from bot.generation import BatchGenerator, DecodeState, GenerationParams, GenerationRequest
 from bot.model.chat import ChatGLM2Generator, ChatState
@@ -129,4 +130,88 @@ async def test_concurrent_requests_through_model_service(generator: ChatGLM2Gene
         del generator.step
     assert texts == want
     assert max(sizes) >= 3
+    assert generator.in_use_rows == 0
+
+
+@pytest.fixture
+def chunk(generator: ChatGLM2Generator) -> Iterator[int]:
+    """A small prefill chunk for the test, restored afterwards."""
+    before = generator.prefill_chunk_tokens
+    generator.prefill_chunk_tokens = 8
+    yield 8
+    generator.prefill_chunk_tokens = before
+
+
+def test_chunked_prefill_gives_the_one_pass_output(generator: ChatGLM2Generator, chunk: int) -> None:
+    long_request = GenerationRequest(query="tell me a story about cats " * 6, params=greedy(12))
+    chunked = [alone(generator, r) for r in (*requests(), long_request)]
+    generator.prefill_chunk_tokens = 10_000
+    assert [alone(generator, r) for r in (*requests(), long_request)] == chunked
+
+
+def test_a_long_prefill_pauses_other_streams_one_chunk_at_a_time(
+    generator: ChatGLM2Generator, chunk: int
+) -> None:
+    long_request = GenerationRequest(query="天气 " * 20, params=greedy(6))
+    going = GenerationRequest(query=QUERIES[0], params=greedy(30))
+    want = [alone(generator, r) for r in (going, long_request)]
+    first = generator.begin(going, lambda _d: None, lambda: False)
+    while first.prefilling or not first.tokens:
+        generator.step([first])
+    second = generator.begin(long_request, lambda _d: None, lambda: False)
+    chunks = -(-len(second.prompt_ids) // chunk)
+    assert second.prefilled == chunk and chunks >= 4
+    for done_chunks in range(2, chunks + 1):
+        tokens = len(first.tokens)
+        generator.step([first, second])
+        assert len(first.tokens) == tokens + 1  # the first stream went on during the prefill
+        assert second.prefilled == min(done_chunks * chunk, len(second.prompt_ids)) and not second.tokens
+    assert not second.prefilling
+    states = [first, second]
+    while any(not s.done for s in states):
+        generator.step([s for s in states if not s.done])
+    results = [generator.finish(s) for s in states]
+    assert [(s.tokens, r.text) for s, r in zip(states, results, strict=True)] == want
+
+
+def test_stopping_during_prefill_frees_the_row_and_keeps_the_prefilled_kv(
+    generator: ChatGLM2Generator, chunk: int
+) -> None:
+    stop = False
+    request = GenerationRequest(query="天气 " * 40, params=greedy(6), conversation="stopped-early")
+    state = generator.begin(request, lambda _d: None, lambda: stop)
+    generator.step([state])
+    stop = True
+    generator.step([state])
+    assert state.done and state.stopped and not state.tokens and state.prefilled == 2 * chunk
+    result = generator.finish(state)
+    assert result.stopped and result.new_tokens == 0 and result.text == ""
+    assert generator.in_use_rows == 0
+    kept = generator.prefix_cache.take("stopped-early")
+    assert kept is not None and kept.ids == tuple(state.prompt_ids[: 2 * chunk])
+
+
+def test_a_failing_prefill_chunk_ends_only_its_request(
+    generator: ChatGLM2Generator, chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    want = alone(generator, requests()[0])
+    first = generator.begin(requests()[0], lambda _d: None, lambda: False)
+    broken = generator.begin(
+        GenerationRequest(query="天气 " * 40, params=greedy(6)), lambda _d: None, lambda: False
+    )
+    prefill = generator._prefill
+
+    def failing(row: int, ids: Sequence[int], start: int) -> torch.Tensor:
+        if row == broken.row:
+            raise RuntimeError("out of memory")
+        return prefill(row, ids, start)
+
+    monkeypatch.setattr(generator, "_prefill", failing)
+    states = [first, broken]
+    while any(not s.done for s in states):
+        generator.step([s for s in states if not s.done])
+    assert broken.error is not None and not broken.tokens
+    with pytest.raises(RuntimeError, match="out of memory"):
+        generator.finish(broken)
+    assert (first.tokens, generator.finish(first).text) == want
     assert generator.in_use_rows == 0
