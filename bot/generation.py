@@ -69,6 +69,17 @@ class Generator(Protocol):
 GeneratorFactory = Callable[[], Generator]
 
 
+@runtime_checkable
+class IdleWork(Protocol):
+    """A generator with deferrable work (e.g. preparing a conversation's next turn). The service calls
+    ``idle_step`` on the inference thread only while no request is running or queued, again while it
+    returns True, and stops as soon as a request arrives."""
+
+    def idle_step(self) -> bool:
+        """Do one short unit of the work; True while more remains."""
+        ...
+
+
 class DecodeState(Protocol):
     """One request inside a ``BatchGenerator``: prefilled, then advanced a token per step."""
 

@@ -22,6 +22,7 @@ from bot.generation import (
     GenerationResult,
     Generator,
     GeneratorFactory,
+    IdleWork,
     Turn,
 )
 
@@ -234,11 +235,15 @@ class ModelService:
         return job
 
     def _run_serial(self, generator: Generator) -> None:
+        idle_work = False
         while True:
-            job = self._next_job(block=True)
+            job = self._next_job(block=not idle_work)
             if job is None:
                 return
-            if isinstance(job, _Job) and self._admit(job):
+            if not isinstance(job, _Job):
+                idle_work = self._idle_step(generator)
+                continue
+            if self._admit(job):
                 self._set_active([job])
                 try:
                     result = generator.generate(job.request, job.on_text, job.should_stop)
@@ -248,13 +253,35 @@ class ModelService:
                     self._complete(job, result)
                 finally:
                     self._set_active([])
+                idle_work = isinstance(generator, IdleWork)
+
+    def _idle_step(self, generator: Generator) -> bool:
+        """One unit of the generator's deferred work, if it has any; True while more remains."""
+        if not isinstance(generator, IdleWork):
+            return False
+        try:
+            return generator.idle_step()
+        except Exception:
+            log.exception("idle work failed")
+            return False
 
     def _run_batched(self, generator: BatchGenerator) -> None:
-        """Requests decode together, one forward per step; new ones join at step boundaries."""
+        """Requests decode together, one forward per step; new ones join at step boundaries. With
+        nothing to decode or queued, the generator's idle work runs a unit at a time."""
         active: list[tuple[_Job, DecodeState]] = []
+        idle_work = False
+        polled: _Job | _Idle | None = _IDLE  # a job taken off the queue while checking for idleness
         while True:
+            if not active and idle_work:
+                polled = self._next_job(block=False)
+                if isinstance(polled, _Idle):
+                    idle_work = self._idle_step(generator)
+                    continue
             while len(active) < generator.max_batch_size:
-                job = self._next_job(block=not active)
+                if isinstance(polled, _Idle):
+                    job = self._next_job(block=not active)
+                else:
+                    job, polled = polled, _IDLE
                 if job is None:
                     for job, state in active:
                         job.cancelled.set()
@@ -284,6 +311,7 @@ class ModelService:
             for job, state in active:
                 if state.done:
                     self._finish_state(generator, job, state)
+                    idle_work = isinstance(generator, IdleWork)
                 else:
                     still.append((job, state))
             active = still

@@ -21,10 +21,12 @@ In float32 the result equals a full re-prefill up to reduction order (greedy ids
 in bfloat16 the attention of a split prefill can differ from a full one in the last bit, as with any
 prefix cache, which may flip a near-tie. Re-encoding the answer text rarely gives back the sampled
 ids anyway (the official fine-tuning encodes the answer apart, so its first token carries a "▁" that
-the joined next prompt does not). So ``finish`` prefills the canonical ids of "answer + next round
-header" after the prompt, then keeps the row: after the answer has streamed, instead of before the
-next one. It does so only while no other row is decoding (never stalling other streams) and for at
-most ``FIXUP_MAX_TOKENS``; otherwise only the prompt's KV is kept and the next turn prefills the answer.
+the joined next prompt does not). So ``finish`` keeps the prompt's KV and notes the canonical ids of
+"answer + next round header" (at most ``FIXUP_MAX_TOKENS`` more); ``idle_step``, which the model
+service calls only while no request is running or waiting, prefills them a chunk at a time. The
+answer's end, its final edit and its storage never wait for that, and the next turn, when the user
+takes a moment to write it, prefills only its own query. A turn that comes first takes the kept KV as
+it is and prefills the rest itself.
 
 Streaming and ``process_response`` (strip + placeholder fill): deltas are released only where the
 final text cannot change them. Leading whitespace is dropped, trailing whitespace and a trailing
@@ -38,6 +40,7 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +60,7 @@ log = logging.getLogger(__name__)
 _PLACEHOLDER = "[[训练时间]]"
 _MB = 1 << 20
 FIXUP_MAX_TOKENS = 256
+_MAX_PENDING_EXTENSIONS = 64  # conversations whose kept KV waits for idle time (most recent kept)
 PREFILL_CHUNK_TOKENS = 64
 
 
@@ -158,6 +162,8 @@ class ChatGLM2Generator:
         self.prefix_cache = PrefixCache(prefix_cache_mb * _MB)
         self._max_batch_size = max_batch_size
         self._rows: dict[int, ChatState] = {}  # row -> the state that owns it
+        # conversation -> the ids its kept KV should grow to ("answer + next round header")
+        self._extensions: OrderedDict[str, tuple[int, ...]] = OrderedDict()
         self._lock = threading.Lock()  # generate is single-threaded by contract; this makes misuse safe
         model.setup_caches(max_batch_size, self.max_context_tokens)
 
@@ -197,6 +203,11 @@ class ChatGLM2Generator:
         """Cache rows held by begun, not yet finished requests."""
         return len(self._rows)
 
+    @property
+    def pending_idle_work(self) -> int:
+        """Conversations whose kept KV ``idle_step`` has yet to extend."""
+        return len(self._extensions)
+
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False))
 
@@ -227,7 +238,10 @@ class ChatGLM2Generator:
         rng = None
         if params.seed is not None:
             rng = torch.Generator(device=self.model.device).manual_seed(params.seed)
-        cached = self.prefix_cache.take(request.conversation) if request.conversation else None
+        cached = None
+        if request.conversation:
+            cached = self.prefix_cache.take(request.conversation)
+            self._extensions.pop(request.conversation, None)
         started = time.perf_counter()
         try:
             reused = 0
@@ -311,6 +325,31 @@ class ChatGLM2Generator:
             new_tokens=len(tokens) - eos,
             stopped=own.stopped,
         )
+
+    def idle_step(self) -> bool:
+        """Prefill one chunk of the most recently noted "answer + next round header" into its
+        conversation's kept KV, in a free row; True while such work remains. For idle moments only:
+        the chunk delays whatever request arrives during it."""
+        free = next((row for row in range(self._max_batch_size) if row not in self._rows), None)
+        while self._extensions and free is not None:
+            conversation, target = self._extensions.popitem()
+            entry = self.prefix_cache.take(conversation)
+            if entry is None:  # evicted meanwhile
+                continue
+            start = common_prefix_length(entry.ids, target)  # re-encoding may change the last id
+            end = min(len(target), start + self.prefill_chunk_tokens)
+            try:
+                if start > 0 and start < end:
+                    self.model.write_kv(free, entry.kv[:, :, :, :start])
+                    self._prefill(free, target[:end], start)
+                    entry = CachedPrefix(target[:end], self.model.read_kv(free, end))
+                    if end < len(target):
+                        self._extensions[conversation] = target
+            except Exception:
+                log.exception("extending a conversation's kept KV failed")
+            self.prefix_cache.put(conversation, entry)
+            break
+        return bool(self._extensions) and free is not None
 
     # -- one request at a time -----------------------------------------------------------------
     def run(
@@ -406,18 +445,21 @@ class ChatGLM2Generator:
         return True
 
     def _keep_prefix(self, state: ChatState) -> None:
-        """Store the row's KV for the conversation's next turn (an optimisation: failures are logged)."""
+        """Store the row's KV for the conversation's next turn and note what ``idle_step`` should add
+        to it (an optimisation: failures are logged)."""
         ids = state.prompt_ids[: state.prefilled]  # prefill-computed KV only
-        others_decoding = any(not other.done for other in self._rows.values() if other is not state)
+        conversation = state.request.conversation
         try:
-            if not state.stopped and state.error is None and not others_decoding:
-                target = self.tokenizer.encode(next_turn_text(state.request, state.streamer.text))
-                start = common_prefix_length(ids, target)
-                if start < len(target) < self.max_context_tokens and len(target) - start <= FIXUP_MAX_TOKENS:
-                    self._prefill(state.row, target, start)
-                    ids = target
             kv = self.model.read_kv(state.row, len(ids))
-            self.prefix_cache.put(state.request.conversation, CachedPrefix(tuple(ids), kv))
+            self.prefix_cache.put(conversation, CachedPrefix(tuple(ids), kv))
+            if state.stopped or state.error is not None or len(ids) < len(state.prompt_ids):
+                return
+            target = self.tokenizer.encode(next_turn_text(state.request, state.streamer.text))
+            start = common_prefix_length(ids, target)
+            if start < len(target) < self.max_context_tokens and len(target) - start <= FIXUP_MAX_TOKENS:
+                self._extensions[conversation] = tuple(target)
+                while len(self._extensions) > _MAX_PENDING_EXTENSIONS:
+                    self._extensions.popitem(last=False)
         except Exception:
             log.exception("keeping the conversation's KV cache failed")
 

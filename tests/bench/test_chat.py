@@ -17,6 +17,7 @@ def test_chat_bench_reports_json(capsys: pytest.CaptureFixture[str]) -> None:
     report = json.loads(capsys.readouterr().out)
     assert set(report["ttft_s"]) == {"turn1", "turn3", "turn3_full_prefill"}
     assert all(v > 0 for v in report["ttft_s"].values())
+    assert report["idle_extension_s"] >= 0
     assert set(report["decode_tokens_per_s"]) == {"1", "2"} and report["decode_tokens_per_s"]["2"] > 0
     assert report["peak_rss_gb"] > 0 and report["kv_copy_ms_per_1k_tokens"] > 0
     assert report["memory"]["prefix_cache_entries"] >= 3

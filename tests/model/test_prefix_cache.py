@@ -54,11 +54,17 @@ def pair(request: pytest.FixtureRequest) -> tuple[ChatGLM2Generator, ChatGLM2Gen
     return cached, plain
 
 
-def turn(generator: ChatGLM2Generator, request: GenerationRequest) -> tuple[ChatState, str]:
+def turn(
+    generator: ChatGLM2Generator, request: GenerationRequest, idle: bool = True
+) -> tuple[ChatState, str]:
+    """One turn, then (``idle``) the idle work the model service would run before the next one."""
     state = generator.begin(request, lambda _d: None, lambda: False)
     while not state.done:
         generator.step([state])
-    return state, generator.finish(state).text
+    text = generator.finish(state).text
+    while idle and generator.idle_step():
+        pass
+    return state, text
 
 
 def test_turns_reuse_the_prefix_with_identical_output(
@@ -161,25 +167,88 @@ def test_next_prompt_starts_with_the_kept_ids(tokenizer_kind: str) -> None:
                 assert common_prefix_length(kept, following) >= len(kept) - 1, (answer, query)
 
 
-def test_no_fixup_prefill_while_another_row_decodes(
+def test_finish_keeps_the_prompt_and_idle_steps_add_the_answer(
     pair: tuple[ChatGLM2Generator, ChatGLM2Generator],
 ) -> None:
     cached, plain = pair
-    short = GenerationRequest(query=QUERIES[0], params=GREEDY, conversation="c4")
-    busy = GenerationRequest(query=QUERIES[1], params=GenerationParams(max_new_tokens=30, temperature=0.0))
-    first = cached.begin(short, lambda _d: None, lambda: False)
-    other = cached.begin(busy, lambda _d: None, lambda: False)
-    while not first.done:
-        cached.step([first, other])
-    answer = cached.finish(first).text
+    first = GenerationRequest(query=QUERIES[0], params=GREEDY, conversation="c4")
+    state = cached.begin(first, lambda _d: None, lambda: False)
+    while not state.done:
+        cached.step([state])
+    answer = cached.finish(state).text
     kept = cached.prefix_cache.take("c4")
-    assert kept is not None and kept.ids == tuple(first.prompt_ids)  # no answer: not re-encoded
+    assert kept is not None and kept.ids == tuple(state.prompt_ids)  # finish did not prefill the answer
     cached.prefix_cache.put("c4", kept)
-    cached.finish(other)
+    target = cached.tokenizer.encode(next_turn_text(first, answer))
+    before = cached.prefill_chunk_tokens
+    cached.prefill_chunk_tokens = 3
+    try:
+        start = common_prefix_length(state.prompt_ids, target)
+        steps = 0
+        while True:
+            more = cached.idle_step()  # one 3-token chunk per call
+            steps += 1
+            extended = cached.prefix_cache.take("c4")
+            assert extended is not None and len(extended.ids) == min(len(target), start + 3 * steps)
+            cached.prefix_cache.put("c4", extended)
+            if not more:
+                break
+    finally:
+        cached.prefill_chunk_tokens = before
+    assert steps >= 2
+    extended = cached.prefix_cache.take("c4")
+    assert extended is not None and extended.ids == tuple(target) and extended.kv.shape[3] == len(target)
+    cached.prefix_cache.put("c4", extended)
     request = GenerationRequest(
         query=QUERIES[2], history=((QUERIES[0], answer),), params=GREEDY, conversation="c4"
     )
     again, text = turn(cached, request)
     reference, reference_text = turn(plain, request)
-    assert again.reused == len(first.prompt_ids)
+    assert again.reused >= len(target) - 1
     assert again.tokens == reference.tokens and text == reference_text
+
+
+def test_a_turn_before_the_idle_work_reuses_the_prompt_and_drops_it(
+    pair: tuple[ChatGLM2Generator, ChatGLM2Generator],
+) -> None:
+    cached, plain = pair
+    first = GenerationRequest(query=QUERIES[0], params=GREEDY, conversation="c5")
+    state = cached.begin(first, lambda _d: None, lambda: False)
+    while not state.done:
+        cached.step([state])
+    answer = cached.finish(state).text
+    request = GenerationRequest(
+        query=QUERIES[2], history=((QUERIES[0], answer),), params=GREEDY, conversation="c5"
+    )
+    again = cached.begin(request, lambda _d: None, lambda: False)
+    assert again.reused == len(state.prompt_ids)
+    assert not cached.idle_step()  # the pending extension went with the kept KV
+    while not again.done:
+        cached.step([again])
+    text = cached.finish(again).text
+    reference, reference_text = turn(plain, request)
+    assert again.tokens == reference.tokens and text == reference_text
+    while cached.idle_step():
+        pass
+
+
+def test_idle_steps_wait_for_a_free_row(pair: tuple[ChatGLM2Generator, ChatGLM2Generator]) -> None:
+    cached, _ = pair
+    first = GenerationRequest(query=QUERIES[0], params=GREEDY, conversation="c6")
+    turn(cached, first, idle=False)
+    busy = [
+        cached.begin(GenerationRequest(query=q, params=GREEDY), lambda _d: None, lambda: False)
+        for q in QUERIES[:2]
+    ]
+    kept = cached.prefix_cache.take("c6")
+    assert kept is not None
+    cached.prefix_cache.put("c6", kept)
+    assert not cached.idle_step()  # both rows are in use: nothing is done now
+    assert cached.prefix_cache.take("c6") == kept
+    cached.prefix_cache.put("c6", kept)
+    for state in busy:
+        cached.finish(state)
+    while cached.idle_step():
+        pass
+    extended = cached.prefix_cache.take("c6")
+    assert extended is not None and len(extended.ids) > len(kept.ids)

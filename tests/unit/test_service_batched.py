@@ -1,8 +1,11 @@
 import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
-from bot.generation import BatchGenerator, GenerationParams, GenerationRequest
+from bot.generation import BatchGenerator, GenerationParams, GenerationRequest, GenerationResult, IdleWork
 from bot.service import GenerationCancelled, GenerationFailed, ModelService, ServiceClosed
 from tests.support import ScriptedBatchGenerator
 from tests.unit.test_service import collect
@@ -103,3 +106,80 @@ async def test_close_ends_a_running_batch() -> None:
     await asyncio.wait_for(service.close(), 5)
     results = await asyncio.gather(*tasks, return_exceptions=True)
     assert all(isinstance(r, GenerationCancelled | ServiceClosed) for r in results)
+
+
+OnText = Callable[[str], None]
+ShouldStop = Callable[[], bool]
+
+
+class IdleScriptedGenerator(ScriptedBatchGenerator):
+    """Records when the service runs its idle work: ``units`` units after each finished request."""
+
+    def __init__(self, *args: Any, units: int = 3, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.units = units
+        self.left = 0
+        self.log: list[str] = []
+
+    def begin(self, request: GenerationRequest, on_text: OnText, should_stop: ShouldStop) -> Any:
+        self.log.append(f"begin {request.query}")
+        return super().begin(request, on_text, should_stop)
+
+    def finish(self, state: Any) -> GenerationResult:
+        self.left = self.units
+        self.log.append("finish")
+        return super().finish(state)
+
+    def generate(
+        self, request: GenerationRequest, on_text: OnText, should_stop: ShouldStop
+    ) -> GenerationResult:
+        self.log.append(f"begin {request.query}")  # the serial path: one call per request
+        result = super().generate(request, on_text, should_stop)
+        self.left = self.units
+        self.log.append("finish")
+        return result
+
+    def idle_step(self) -> bool:
+        if self.left == 0:
+            raise AssertionError("idle_step called with no work left")
+        self.left -= 1
+        self.log.append("idle")
+        time.sleep(0.02)
+        return self.left > 0
+
+
+@pytest.mark.parametrize("max_batch_size", [1, 4], ids=["serial", "batched"])
+async def test_idle_work_runs_only_between_requests(max_batch_size: int) -> None:
+    gen = IdleScriptedGenerator(lambda r: "a b c", token_delay=0.005, max_batch_size=max_batch_size)
+    assert isinstance(gen, IdleWork)
+    service = await started(gen)
+    try:
+        assert (await collect(service, GenerationRequest(query="one")))[1] == "a b c"
+        for _ in range(100):  # the three idle units run after the answer is delivered
+            if gen.log.count("idle") == 3:
+                break
+            await asyncio.sleep(0.01)
+        assert gen.log[-3:] == ["idle"] * 3
+        gen.units = 50  # 50 x 20 ms of idle work: a new request must not wait for all of it
+        await collect(service, GenerationRequest(query="two"))
+        started_at = time.monotonic()
+        await asyncio.sleep(0.05)
+        assert (await collect(service, GenerationRequest(query="three")))[1] == "a b c"
+        assert time.monotonic() - started_at < 0.5
+        between = gen.log[gen.log.index("begin two") : gen.log.index("begin three")]
+        assert 1 <= between.count("idle") < 50
+    finally:
+        await service.close()
+    assert gen.thread_names == {"inference"}
+
+
+async def test_failing_idle_work_is_logged_and_stops(caplog: pytest.LogCaptureFixture) -> None:
+    gen = IdleScriptedGenerator(lambda r: "a", units=0)  # idle_step raises: it has no work left
+    service = await started(gen)
+    try:
+        await collect(service, GenerationRequest(query="one"))
+        await asyncio.sleep(0.05)
+        assert (await collect(service, GenerationRequest(query="two")))[1] == "a"
+    finally:
+        await service.close()
+    assert "idle work failed" in caplog.text
