@@ -62,6 +62,9 @@ _MB = 1 << 20
 FIXUP_MAX_TOKENS = 256
 _MAX_PENDING_EXTENSIONS = 64  # conversations whose kept KV waits for idle time (most recent kept)
 PREFILL_CHUNK_TOKENS = 64
+# Idle work's chunk: a request arriving during one waits for it (~1 s at 16 tokens on a slow 2-core
+# CPU), and reading the weights once more per chunk costs only idle time.
+IDLE_CHUNK_TOKENS = 16
 
 
 class ResponseStreamer:
@@ -155,6 +158,7 @@ class ChatGLM2Generator:
         if prefill_chunk_tokens < 1:
             raise ValueError(f"prefill_chunk_tokens must be >= 1, got {prefill_chunk_tokens}")
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.idle_chunk_tokens = IDLE_CHUNK_TOKENS
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
@@ -327,27 +331,31 @@ class ChatGLM2Generator:
         )
 
     def idle_step(self) -> bool:
-        """Prefill one chunk of the most recently noted "answer + next round header" into its
-        conversation's kept KV, in a free row; True while such work remains. For idle moments only:
-        the chunk delays whatever request arrives during it."""
+        """Prefill one chunk (``idle_chunk_tokens``) of the most recently noted "answer + next round
+        header" into its conversation's kept KV, in a free row; True while such work remains. For
+        idle moments only: a request arriving meanwhile waits for the chunk, so chunks are small.
+        The conversation counts in ``pending_idle_work`` until its last chunk is done."""
         free = next((row for row in range(self._max_batch_size) if row not in self._rows), None)
         while self._extensions and free is not None:
-            conversation, target = self._extensions.popitem()
+            conversation, target = next(reversed(self._extensions.items()))
             entry = self.prefix_cache.take(conversation)
             if entry is None:  # evicted meanwhile
+                del self._extensions[conversation]
                 continue
             start = common_prefix_length(entry.ids, target)  # re-encoding may change the last id
-            end = min(len(target), start + self.prefill_chunk_tokens)
+            end = min(len(target), start + self.idle_chunk_tokens)
             try:
-                if start > 0 and start < end:
+                if 0 < start < end:
                     self.model.write_kv(free, entry.kv[:, :, :, :start])
                     self._prefill(free, target[:end], start)
                     entry = CachedPrefix(target[:end], self.model.read_kv(free, end))
-                    if end < len(target):
-                        self._extensions[conversation] = target
             except Exception:
                 log.exception("extending a conversation's kept KV failed")
-            self.prefix_cache.put(conversation, entry)
+                end = len(target)
+            finally:
+                self.prefix_cache.put(conversation, entry)
+            if not 0 < start < end or end == len(target):
+                del self._extensions[conversation]
             break
         return bool(self._extensions) and free is not None
 

@@ -180,12 +180,13 @@ def test_finish_keeps_the_prompt_and_idle_steps_add_the_answer(
     assert kept is not None and kept.ids == tuple(state.prompt_ids)  # finish did not prefill the answer
     cached.prefix_cache.put("c4", kept)
     target = cached.tokenizer.encode(next_turn_text(first, answer))
-    before = cached.prefill_chunk_tokens
-    cached.prefill_chunk_tokens = 3
+    before = cached.idle_chunk_tokens
+    cached.idle_chunk_tokens = 3
     try:
         start = common_prefix_length(state.prompt_ids, target)
         steps = 0
         while True:
+            assert cached.pending_idle_work == 1  # counted until its last chunk is done
             more = cached.idle_step()  # one 3-token chunk per call
             steps += 1
             extended = cached.prefix_cache.take("c4")
@@ -194,8 +195,8 @@ def test_finish_keeps_the_prompt_and_idle_steps_add_the_answer(
             if not more:
                 break
     finally:
-        cached.prefill_chunk_tokens = before
-    assert steps >= 2
+        cached.idle_chunk_tokens = before
+    assert steps >= 2 and cached.pending_idle_work == 0
     extended = cached.prefix_cache.take("c4")
     assert extended is not None and extended.ids == tuple(target) and extended.kv.shape[3] == len(target)
     cached.prefix_cache.put("c4", extended)
@@ -252,3 +253,22 @@ def test_idle_steps_wait_for_a_free_row(pair: tuple[ChatGLM2Generator, ChatGLM2G
         pass
     extended = cached.prefix_cache.take("c6")
     assert extended is not None and len(extended.ids) > len(kept.ids)
+
+
+def test_a_failing_idle_chunk_keeps_the_kept_kv_and_drops_the_work(
+    pair: tuple[ChatGLM2Generator, ChatGLM2Generator],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cached, _ = pair
+    state, _ = turn(cached, GenerationRequest(query=QUERIES[1], params=GREEDY, conversation="c7"), idle=False)
+    assert cached.pending_idle_work == 1
+
+    def failing(row: int, ids: object, start: int) -> torch.Tensor:
+        raise RuntimeError("no memory")
+
+    monkeypatch.setattr(cached, "_prefill", failing)
+    assert not cached.idle_step()
+    assert cached.pending_idle_work == 0 and "extending a conversation's kept KV failed" in caplog.text
+    kept = cached.prefix_cache.take("c7")
+    assert kept is not None and kept.ids == tuple(state.prompt_ids)
