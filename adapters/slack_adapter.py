@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Coroutine, Mapping
 from typing import Any
 
@@ -50,6 +51,7 @@ SLASH_COMMAND = "/chatglm"
 CONNECT_TIMEOUT_S = 30.0
 STOP_GRACE_S = 2.0
 MAX_CACHED_NAMES = 10_000
+NAME_RETRY_S = 300.0  # after a failed users.info, ids stay ids this long before it is asked again
 NOT_IN_CHANNEL = "I can't post in this channel. Invite me first (`/invite @ChatGLM`), then try again."
 
 
@@ -94,6 +96,7 @@ class SlackAdapter:
         self._handler: Handler | None = None
         self._bot_user_id = ""
         self._names: dict[str, str] = {}
+        self._names_failed: dict[str, float] = {}  # user id -> when users.info may be asked again
         self._tasks: set[asyncio.Task[None]] = set()
         # (channel, message ts) -> the task answering it, so deleting the question cancels it.
         self._answering: dict[tuple[str, str], asyncio.Task[Any]] = {}
@@ -247,13 +250,25 @@ class SlackAdapter:
             await reply.fail("Something went wrong; please try again.")
 
     async def _names_for(self, user_ids: set[str]) -> dict[str, str]:
-        """Display names, cached; an id stays an id if ``users.info`` fails (e.g. no users:read)."""
+        """Display names, cached. Where ``users.info`` fails (no users:read, an outage) the id stays an
+        id, and is asked about again only after ``NAME_RETRY_S``: a transient failure is not final,
+        and a missing scope does not cost a call per message."""
         if len(self._names) > MAX_CACHED_NAMES:
             self._names.clear()
+        if len(self._names_failed) > MAX_CACHED_NAMES:
+            self._names_failed.clear()
+        now = time.monotonic()
         for user_id in user_ids - self._names.keys():
+            if self._names_failed.get(user_id, now) > now:
+                continue
             info = await call_slack("users.info", self._client.users_info(user=user_id))
-            self._names[user_id] = _display_name(info.get("user") if info is not None else None) or user_id
-        return {user_id: self._names[user_id] for user_id in user_ids}
+            name = _display_name(info.get("user") if info is not None else None)
+            if name:
+                self._names[user_id] = name
+                self._names_failed.pop(user_id, None)
+            else:
+                self._names_failed[user_id] = now + NAME_RETRY_S
+        return {user_id: self._names.get(user_id, user_id) for user_id in user_ids}
 
     def _reply(self, channel: str, thread_ts: str | None) -> SlackReply:
         return SlackReply(self._client, channel, thread_ts, min_edit_interval=self._min_edit_interval)

@@ -208,6 +208,25 @@ async def test_mentions_become_names_and_the_bot_mention_is_stripped(tmp_path: P
         )
 
 
+@pytest.mark.parametrize("retry_s", [0.0, 300.0], ids=["after-the-retry-time", "within-it"])
+async def test_a_failed_name_lookup_keeps_the_id_and_is_retried_later(
+    tmp_path: Path, fake: FakeSlack, monkeypatch: pytest.MonkeyPatch, retry_s: float
+) -> None:
+    monkeypatch.setattr(slack_adapter, "NAME_RETRY_S", retry_s)
+    fake.failures["users.info"] = [(200, {"ok": False, "error": "missing_scope"}, {})]
+    async with slack_rig(tmp_path, fake) as rig:
+        for number in (1, 2):
+            event = mention(f"ask <@U7> {number}", user="U7")
+            await deliver(rig, event_body(event))
+            await fake.wait_for(lambda n=number: len(rig.stack.generator.requests) == n)
+        queries = [request.query for request in rig.stack.generator.requests]
+    assert queries[0] == "ask @U7 1"
+    if retry_s:
+        assert queries[1] == "ask @U7 2" and len(fake.calls_to("users.info")) == 1
+    else:
+        assert queries[1] == "ask @U7-name 2" and len(fake.calls_to("users.info")) == 2
+
+
 async def test_own_and_bot_messages_and_edits_are_ignored(tmp_path: Path, fake: FakeSlack) -> None:
     async with slack_rig(tmp_path, fake) as rig:
         dm = {"channel": "D1", "channel_type": "im"}
