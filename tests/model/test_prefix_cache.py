@@ -172,10 +172,7 @@ def test_finish_keeps_the_prompt_and_idle_steps_add_the_answer(
 ) -> None:
     cached, plain = pair
     first = GenerationRequest(query=QUERIES[0], params=GREEDY, conversation="c4")
-    state = cached.begin(first, lambda _d: None, lambda: False)
-    while not state.done:
-        cached.step([state])
-    answer = cached.finish(state).text
+    state, answer = turn(cached, first, idle=False)
     kept = cached.prefix_cache.take("c4")
     assert kept is not None and kept.ids == tuple(state.prompt_ids)  # finish did not prefill the answer
     cached.prefix_cache.put("c4", kept)
@@ -214,10 +211,7 @@ def test_a_turn_before_the_idle_work_reuses_the_prompt_and_drops_it(
 ) -> None:
     cached, plain = pair
     first = GenerationRequest(query=QUERIES[0], params=GREEDY, conversation="c5")
-    state = cached.begin(first, lambda _d: None, lambda: False)
-    while not state.done:
-        cached.step([state])
-    answer = cached.finish(state).text
+    state, answer = turn(cached, first, idle=False)
     request = GenerationRequest(
         query=QUERIES[2], history=((QUERIES[0], answer),), params=GREEDY, conversation="c5"
     )
