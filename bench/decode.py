@@ -14,8 +14,13 @@ tokens per turn, 64-token answers), turn 10 with prefix KV reuse and with a full
 aggregate decode tokens/s of 1, 2, 4 and 8 concurrent conversations; and the prefix cache's memory
 under ``--memory-conversations`` one-turn conversations. Its JSON is under ``"chat"``.
 
+Peers (unless ``--no-peers``): where ``llama-cpp-python`` and ``gguf`` are installed, llama.cpp runs
+the same prompt on a q4_0 GGUF of the same shapes (bench/peers.py) with the same threads and repeats,
+and ``ratio_to_llama_cpp`` gives this engine's decode and prefill over llama.cpp's.
+
     python bench/decode.py [--model DIR] [--threads 0] [--dtype auto] [--int4-kernel auto]
                            [--prompt-tokens 512] [--new-tokens 128] [--repeats 3] [--no-chat]
+                           [--no-peers]
 
 Prefill and decode run ``--repeats`` times (fresh positions each time); the JSON gives the best and
 the median, since other processes on a shared machine slow single runs (``other_processes_cores``
@@ -27,7 +32,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import importlib.util
 import json
 import os
 import resource
@@ -35,13 +39,14 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from bench import chat  # noqa: E402
+from bench import chat, peers  # noqa: E402
 from bench.bandwidth import measure_read_bandwidth  # noqa: E402
 from bot.model.generate import decode_one_token, prefill  # noqa: E402
 from bot.model.kernels import native  # noqa: E402
@@ -57,20 +62,27 @@ DECODE_TARGET = 12.5
 PREFILL_TARGET = 48.0
 TTFT_RATIO_TARGET = 1.3  # turn 10 / turn 1
 CONCURRENCY_TARGET = 4.0  # aggregate tokens/s of 8 conversations / of 1
-PEERS = {"chatglm_cpp": "chatglm-cpp", "llama_cpp": "llama-cpp-python"}
 
 
-def peers() -> dict[str, str]:
-    """Whether each peer engine is importable. Neither publishes a binary wheel for this platform on
-    PyPI (sdists only: a long native build), and running one on random weights of ChatGLM2's shapes
-    needs its own checkpoint conversion (GGML / GGUF), which this bench does not do: no peer runs in the
-    same process, and the peers' numbers are the ones quoted in issues 5 and 6."""
-    return {
-        name: "installed, not run (needs a GGML/GGUF conversion)"
-        if importlib.util.find_spec(module)
-        else "not installed (no PyPI wheel here)"
-        for module, name in PEERS.items()
+def run_peers(args: argparse.Namespace, prompt: list[int], threads: int) -> dict[str, Any]:
+    """Each peer's numbers on the same shapes, prompt, thread count and repeats, or why it did not run.
+    Neither peer publishes a binary wheel for this platform on PyPI: ``pip install llama-cpp-python
+    gguf`` builds llama.cpp from source (~15 min on 2 cores), after which it runs here through a GGUF
+    that bench/peers.py writes (random q4_0 weights of the checkpoint's shapes)."""
+    installed = peers.available()
+    report: dict[str, Any] = {
+        "chatglm-cpp": "installed, not run (its converter needs the official remote code)"
+        if installed["chatglm-cpp"]
+        else "not installed (no PyPI wheel here)",
     }
+    if not installed["llama-cpp-python"] or not args.peers:
+        report["llama-cpp-python"] = (
+            "not installed (no PyPI wheel here)" if args.peers else "skipped (--no-peers)"
+        )
+        return report
+    path = peers.make_gguf(args.model, args.model.parent / f"{args.model.name}-q4_0.gguf")
+    report["llama-cpp-python"] = peers.run_llama_cpp(path, prompt, args.new_tokens, threads, args.repeats)
+    return report
 
 
 def bytes_per_token(model: ChatGLM2, context: int) -> int:
@@ -137,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="TTFT and concurrency (bench/chat.py)",
+    )
+    parser.add_argument(
+        "--peers", action=argparse.BooleanOptionalAction, default=True, help="llama.cpp where installed"
     )
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--query-tokens", type=int, default=40, help="new prompt tokens per turn")
@@ -205,10 +220,16 @@ def main(argv: list[str] | None = None) -> int:
             "peak_rss<=4.5GB": rss_after_decode <= 4.5,
             "load<=20s": load_s <= 20,
         },
-        "peers": peers(),
+        "peers": run_peers(args, prompt.tolist(), threads),
         "loadavg_before": [round(v, 2) for v in load_before],
         "other_processes_cores": round(other_cores, 2),  # CPU other processes used during the run
     }
+    llama = report["peers"]["llama-cpp-python"]
+    if isinstance(llama, dict):
+        report["ratio_to_llama_cpp"] = {
+            "decode": round(best_decode / llama["decode_tokens_per_s"], 3),
+            "prefill": round(best_prefill / llama["prefill_tokens_per_s"], 3),
+        }
     if args.chat:
         del model
         gc.collect()

@@ -15,7 +15,12 @@ def test_decode_bench_reports_json(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["--model", str(tiny_dir("int4")), "--threads", "1", "--prompt-tokens", "16", "--new-tokens", "4"]
     threads = torch.get_num_threads()
     try:
-        assert decode.main([*argv, "--bandwidth-mb", "16", "--bandwidth-seconds", "0.1", "--no-chat"]) == 0
+        assert (
+            decode.main(
+                [*argv, "--bandwidth-mb", "16", "--bandwidth-seconds", "0.1", "--no-chat", "--no-peers"]
+            )
+            == 0
+        )
     finally:
         torch.set_num_threads(threads)
     report = json.loads(capsys.readouterr().out)
@@ -37,7 +42,7 @@ def test_decode_bench_measures_turns_and_concurrency_through_the_service(
 ) -> None:
     argv = ["--model", str(tiny_dir("int4")), "--threads", "1", "--prompt-tokens", "16", "--new-tokens", "4"]
     argv += ["--bandwidth-mb", "16", "--bandwidth-seconds", "0.1", "--turns", "3", "--concurrency", "1", "8"]
-    argv += ["--query-tokens", "12", "--answer-tokens", "8", "--decode-tokens", "6"]
+    argv += ["--query-tokens", "12", "--answer-tokens", "8", "--decode-tokens", "6", "--no-peers"]
     threads = torch.get_num_threads()
     try:
         assert decode.main([*argv, "--memory-conversations", "4", "--prefix-cache-mb", "1"]) == 0
@@ -58,3 +63,6 @@ def test_decode_bench_measures_turns_and_concurrency_through_the_service(
     assert report["targets_met"]["8_concurrent>=4.0x_1"] == (speedup >= 4.0)
     assert report["targets_met"]["turn3_ttft<=1.3x_turn1"] == (chat["ttft_ratio_turn_last_to_1"] <= 1.3)
     assert set(report["peers"]) == {"chatglm-cpp", "llama-cpp-python"}
+    assert (
+        report["peers"]["llama-cpp-python"] == "skipped (--no-peers)" and "ratio_to_llama_cpp" not in report
+    )

@@ -1,0 +1,196 @@
+"""Peer engines on ChatGLM2-6B's shapes, for same-run ratios in bench/decode.py.
+
+llama.cpp (through ``llama-cpp-python``) runs ChatGLM2 as its ``chatglm`` architecture from a GGUF
+file. Its converter needs the official remote code, so ``make_gguf`` writes the GGUF itself: the
+shapes and hyperparameters of the checkpoint's config.json, the vocabulary of its tokenizer.model and
+random q4_0 weights (llama.cpp's own format; it repacks q4_0 for its AVX2 / AVX512 kernels at load),
+which cost exactly what real ones cost. ``chatglm-cpp`` needs the official code to convert too and
+has no wheel here, so it is only reported as missing.
+
+    python bench/peers.py [--model DIR] [--threads 2] [--prompt-tokens 512] [--new-tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEFAULT_MODEL = Path.home() / ".cache" / "chatglm-bot" / "bench" / "int4"
+Q4_0_BLOCK, Q4_0_BYTES = 32, 18  # values per block; fp16 scale + 16 bytes of nibbles
+SPECIAL_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
+
+
+def available() -> dict[str, bool]:
+    return {
+        "llama-cpp-python": bool(importlib.util.find_spec("llama_cpp") and importlib.util.find_spec("gguf")),
+        "chatglm-cpp": bool(importlib.util.find_spec("chatglm_cpp")),
+    }
+
+
+def make_gguf(model_dir: Path, out: Path, seed: int = 0) -> Path:
+    """A q4_0 GGUF of the checkpoint's shapes with random weights; kept and reused when present."""
+    if out.exists():
+        return out
+    import gguf  # only where the peer is installed
+    import sentencepiece
+
+    config = json.loads((model_dir / "config.json").read_text())
+    hidden, ffn, layers = config["hidden_size"], config["ffn_hidden_size"], config["num_layers"]
+    heads, groups = config["num_attention_heads"], config["multi_query_group_num"]
+    head_dim = hidden // heads
+    vocab = config["padded_vocab_size"]
+    qkv = hidden + 2 * groups * head_dim
+
+    writer = gguf.GGUFWriter(str(out.with_suffix(".partial")), "chatglm")
+    writer.add_context_length(config["seq_length"])
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(ffn)
+    writer.add_block_count(layers)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(groups)
+    writer.add_layer_norm_rms_eps(config.get("layernorm_epsilon", 1e-5))
+    writer.add_rope_dimension_count(head_dim // 2)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
+    writer.add_add_bos_token(False)
+    _add_vocab(
+        writer, sentencepiece.SentencePieceProcessor(model_file=str(model_dir / "tokenizer.model")), vocab
+    )
+
+    # numpy shapes are [rows, columns]; the writer stores them in ggml's reversed order
+    tensors: list[tuple[str, tuple[int, ...], bool]] = [("token_embd.weight", (vocab, hidden), True)]
+    for i in range(layers):
+        tensors += [
+            (f"blk.{i}.attn_norm.weight", (hidden,), False),
+            (f"blk.{i}.attn_qkv.weight", (qkv, hidden), True),
+            (f"blk.{i}.attn_qkv.bias", (qkv,), False),
+            (f"blk.{i}.attn_output.weight", (hidden, hidden), True),
+            (f"blk.{i}.ffn_norm.weight", (hidden,), False),
+            (f"blk.{i}.ffn_up.weight", (2 * ffn, hidden), True),
+            (f"blk.{i}.ffn_down.weight", (hidden, ffn), True),
+        ]
+    tensors += [("output_norm.weight", (hidden,), False), ("output.weight", (vocab, hidden), True)]
+    for name, shape, quantized in tensors:
+        if quantized:
+            byte_shape = (shape[0], shape[1] // Q4_0_BLOCK * Q4_0_BYTES)
+            writer.add_tensor_info(
+                name,
+                byte_shape,
+                np.dtype(np.uint8),
+                int(np.prod(byte_shape)),
+                raw_dtype=gguf.GGMLQuantizationType.Q4_0,
+            )
+        else:
+            writer.add_tensor_info(name, shape, np.dtype(np.float32), int(np.prod(shape)) * 4)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    rng = np.random.default_rng(seed)
+    scale = np.frombuffer(np.float16(0.02 / 4).tobytes(), dtype=np.uint8)  # |w| up to ~0.04
+    for name, shape, quantized in tensors:
+        if quantized:
+            blocks = rng.integers(0, 256, (shape[0], shape[1] // Q4_0_BLOCK, Q4_0_BYTES), dtype=np.uint8)
+            blocks[..., :2] = scale
+            writer.write_tensor_data(blocks.reshape(shape[0], -1))
+        elif name.endswith("norm.weight"):
+            writer.write_tensor_data(np.ones(shape, dtype=np.float32))
+        else:
+            writer.write_tensor_data(rng.normal(0, 0.02, shape).astype(np.float32))
+    writer.close()
+    out.with_suffix(".partial").rename(out)
+    return out
+
+
+def _add_vocab(writer: Any, sp: Any, vocab: int) -> None:
+    import gguf
+
+    tokens: list[bytes] = []
+    scores: list[float] = []
+    types: list[int] = []
+    for i in range(sp.get_piece_size()):
+        tokens.append(sp.id_to_piece(i).encode())
+        scores.append(sp.get_score(i))
+        kind = gguf.TokenType.NORMAL
+        if sp.is_unknown(i):
+            kind = gguf.TokenType.UNKNOWN
+        elif sp.is_control(i):
+            kind = gguf.TokenType.CONTROL
+        elif sp.is_byte(i):
+            kind = gguf.TokenType.BYTE
+        types.append(kind)
+    for i in range(len(tokens), vocab):
+        special = i - sp.get_piece_size()
+        named = special < len(SPECIAL_TOKENS)
+        tokens.append((SPECIAL_TOKENS[special] if named else f"[PAD{i}]").encode())
+        scores.append(0.0)
+        types.append(gguf.TokenType.CONTROL if named else gguf.TokenType.UNUSED)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_eos_token_id(sp.eos_id())
+
+
+def run_llama_cpp(
+    gguf_path: Path, prompt: list[int], new_tokens: int, threads: int, repeats: int
+) -> dict[str, float]:
+    """Best and median prefill and decode tokens/s of llama.cpp on ``prompt`` (ids fed directly)."""
+    from llama_cpp import Llama
+
+    started = time.perf_counter()
+    llm = Llama(
+        model_path=str(gguf_path),
+        n_ctx=len(prompt) + new_tokens + 8,
+        n_threads=threads,
+        n_threads_batch=threads,
+        n_batch=512,
+        verbose=False,
+    )
+    load_s = time.perf_counter() - started
+    prefill, decode = [], []
+    for _ in range(repeats):
+        llm.reset()
+        started = time.perf_counter()
+        llm.eval(prompt)
+        prefill.append(len(prompt) / (time.perf_counter() - started))
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        started = time.perf_counter()
+        for _ in range(new_tokens):
+            llm.eval([token])
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        decode.append(new_tokens / (time.perf_counter() - started))
+    llm.close()
+    return {
+        "load_s": round(load_s, 2),
+        "prefill_tokens_per_s": round(max(prefill), 2),
+        "prefill_tokens_per_s_median": round(float(np.median(prefill)), 2),
+        "decode_tokens_per_s": round(max(decode), 2),
+        "decode_tokens_per_s_median": round(float(np.median(decode)), 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args(argv)
+    if not available()["llama-cpp-python"]:
+        parser.error("llama-cpp-python and gguf are not installed")
+    path = make_gguf(args.model, args.model.parent / f"{args.model.name}-q4_0.gguf")
+    prompt = list(np.random.default_rng(0).integers(3, 60000, args.prompt_tokens))
+    print(json.dumps(run_llama_cpp(path, prompt, args.new_tokens, args.threads, args.repeats)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
