@@ -3,14 +3,15 @@ sampling defaults, ``process_response``), with batched decoding and prefix KV re
 
 Batching: each request owns one row of the model's KV cache (``max_batch_size`` rows). ``begin``
 takes a free row for a request; ``step`` samples every running row with its own parameters and then
-runs ONE forward over rows ``0 .. top`` at each row's own position; ``finish`` frees the row.
+runs ONE forward over rows ``0 .. top`` at each row's own position; ``finish`` frees the row. A row
+that is not advancing in a step (free, prefilling or already done) gets a dummy token written at its
+next free slot, which is never read and is overwritten by that row's next real token, so it needs no
+masking.
 
 Prefill is chunked: each ``step`` (``begin`` too) prefills at most ``prefill_chunk_tokens`` of the
 oldest request still prefilling, after the decode forward. A long prompt so pauses the other streams
 for one chunk at a time instead of its whole prefill, and activation memory is bounded by the chunk.
-Each chunk reads the weights once more, which is small next to its compute (~2-5 % at 64 tokens). A row that
-is not advancing in a step (free, or already done) gets a dummy token written at its next free slot,
-which is never read and is overwritten by that row's next real token, so it needs no masking.
+Each chunk reads the weights once more, which is small next to its compute (~2-5 % at 64 tokens).
 
 Prefix reuse: when a turn of a conversation ends, its row's KV is copied into a ``PrefixCache`` keyed
 by ``GenerationRequest.conversation``. The next turn copies back the longest common prefix of the
@@ -247,19 +248,10 @@ class ChatGLM2Generator:
             cached = self.prefix_cache.take(request.conversation)
             self._extensions.pop(request.conversation, None)
         started = time.perf_counter()
-        try:
-            reused = 0
-            if cached is not None:
-                # At least one prompt token is prefilled: its logits give the first new token.
-                reused = min(common_prefix_length(cached.ids, prompt), len(prompt) - 1)
-                if reused:
-                    self.model.write_kv(row, cached.kv[:, :, :, :reused])
-            end = min(len(prompt), reused + self.prefill_chunk_tokens)
-            logits = self._prefill(row, prompt[:end], reused)
-        except BaseException:
-            if cached is not None:
-                self.prefix_cache.put(request.conversation, cached)
-            raise
+        reused = 0
+        if cached is not None:
+            # At least one prompt token is prefilled: its logits give the first new token.
+            reused = min(common_prefix_length(cached.ids, prompt), len(prompt) - 1)
         state = ChatState(
             request=request,
             on_text=on_text,
@@ -272,8 +264,17 @@ class ChatGLM2Generator:
             rng=rng,
             reused=reused,
             decoder=self.tokenizer.stream_decoder(),
+            prefilled=reused,
         )
-        self._prefilled(state, end, logits, time.perf_counter() - started)
+        try:
+            if cached is not None and reused:
+                self.model.write_kv(row, cached.kv[:, :, :, :reused])
+            state.prefill_s = time.perf_counter() - started
+            self._prefill_next(state)
+        except BaseException:
+            if cached is not None:
+                self.prefix_cache.put(request.conversation, cached)
+            raise
         self._rows[row] = state
         return state
 
@@ -336,7 +337,9 @@ class ChatGLM2Generator:
         idle moments only: a request arriving meanwhile waits for the chunk, so chunks are small.
         The conversation counts in ``pending_idle_work`` until its last chunk is done."""
         free = next((row for row in range(self._max_batch_size) if row not in self._rows), None)
-        while self._extensions and free is not None:
+        if free is None:
+            return False
+        while self._extensions:
             conversation, target = next(reversed(self._extensions.items()))
             entry = self.prefix_cache.take(conversation)
             if entry is None:  # evicted meanwhile
@@ -344,20 +347,21 @@ class ChatGLM2Generator:
                 continue
             start = common_prefix_length(entry.ids, target)  # re-encoding may change the last id
             end = min(len(target), start + self.idle_chunk_tokens)
+            finished = True  # nothing to add, the last chunk, or a failure: the work is over
             try:
                 if 0 < start < end:
                     self.model.write_kv(free, entry.kv[:, :, :, :start])
                     self._prefill(free, target[:end], start)
                     entry = CachedPrefix(target[:end], self.model.read_kv(free, end))
+                    finished = end == len(target)
             except Exception:
                 log.exception("extending a conversation's kept KV failed")
-                end = len(target)
             finally:
                 self.prefix_cache.put(conversation, entry)
-            if not 0 < start < end or end == len(target):
+            if finished:
                 del self._extensions[conversation]
-            break
-        return bool(self._extensions) and free is not None
+            return bool(self._extensions)
+        return False
 
     # -- one request at a time -----------------------------------------------------------------
     def run(
@@ -408,19 +412,19 @@ class ChatGLM2Generator:
         if state.should_stop():
             state.stopped = state.done = True
             return
-        started = time.perf_counter()
-        end = min(len(state.prompt_ids), state.prefilled + self.prefill_chunk_tokens)
         try:
-            logits = self._prefill(state.row, state.prompt_ids[:end], state.prefilled)
+            self._prefill_next(state)
         except Exception as exc:  # finish() raises it, for the caller to report
             state.error, state.done = exc, True
-            return
-        self._prefilled(state, end, logits, time.perf_counter() - started)
 
-    @staticmethod
-    def _prefilled(state: ChatState, end: int, logits: torch.Tensor, seconds: float) -> None:
+    def _prefill_next(self, state: ChatState) -> None:
+        """Prefill up to ``prefill_chunk_tokens`` more of ``state``'s prompt; the last chunk's logits
+        give the first new token."""
+        started = time.perf_counter()
+        end = min(len(state.prompt_ids), state.prefilled + self.prefill_chunk_tokens)
+        logits = self._prefill(state.row, state.prompt_ids[:end], state.prefilled)
         state.prefilled = end
-        state.prefill_s += seconds
+        state.prefill_s += time.perf_counter() - started
         if end == len(state.prompt_ids):
             state.logits = logits
             state.first_logits = logits.float().cpu()
