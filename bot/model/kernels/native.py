@@ -4,9 +4,9 @@ The kernel has two instruction-set paths over one weight layout, picked at compi
 AVX512-VNNI (VPDPBUSD) and AVX2 (VPMADDUBSW + VPMADDWD); both compute the same integer sums. It is
 compiled on first use with torch.utils.cpp_extension (gcc -O3 -march=native -fopenmp) into a cache
 directory keyed by the source, the CPU flags, torch's version, the compiler and the flags, so later
-processes only load it. Where there is no compiler, no ninja or neither
-instruction set, or the kernel is disabled, ``int4_linear`` computes the exact float32 reference
-``x @ (q * scale).T`` instead; which of them runs is logged once.
+processes only load it. Where there is no compiler, no ninja or neither instruction set, or the kernel
+is disabled, ``int4_linear`` computes the exact float32 reference ``x @ (q * scale).T`` instead; which
+of them runs is logged once.
 """
 
 from __future__ import annotations
