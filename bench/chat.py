@@ -213,27 +213,33 @@ async def run(args: Any) -> dict[str, Any]:
     return report
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def add_arguments(parser: argparse.ArgumentParser, *, memory_conversations: int = 0) -> None:
+    """The turn, concurrency and memory options ``run`` reads (bench/decode.py adds them too)."""
+    parser.add_argument("--turns", type=int, default=10)
+    parser.add_argument("--query-tokens", type=int, default=40, help="new prompt tokens per turn")
+    parser.add_argument("--answer-tokens", type=int, default=64)
+    parser.add_argument("--decode-tokens", type=int, default=32, help="new tokens per concurrent request")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--prefix-cache-mb", type=int, default=1024)
+    parser.add_argument(
+        "--memory-conversations", type=int, default=memory_conversations, help="then N 1-turn chats"
+    )
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.turns < 2 or min(args.concurrency) < 1:
+        parser.error("--turns must be >= 2 and --concurrency values >= 1")
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
-    parser.add_argument("--turns", type=int, default=10)
-    parser.add_argument("--query-tokens", type=int, default=40)
-    parser.add_argument("--answer-tokens", type=int, default=64)
-    parser.add_argument("--decode-tokens", type=int, default=32, help="new tokens per request")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--prefix-cache-mb", type=int, default=1024)
-    parser.add_argument("--memory-conversations", type=int, default=0, help="then N 1-turn chats")
+    add_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print only the JSON report")
     args = parser.parse_args(argv)
-    if args.turns < 2 or min(args.concurrency) < 1:
-        parser.error("--turns must be >= 2 and --concurrency values >= 1")
-    return args
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    check_arguments(parser, args)
     threads = torch.get_num_threads()
     try:
         report = asyncio.run(run(args))

@@ -67,7 +67,7 @@ CONCURRENCY_TARGET = 4.0  # aggregate tokens/s of 8 conversations / of 1
 def run_peers(args: argparse.Namespace, prompt: list[int], threads: int) -> dict[str, Any]:
     """Each peer's numbers on the same shapes, prompt, thread count and repeats, or why it did not run.
     Neither peer publishes a binary wheel for this platform on PyPI: ``pip install llama-cpp-python
-    gguf`` builds llama.cpp from source (~15 min on 2 cores), after which it runs here through a GGUF
+    gguf`` builds llama.cpp from source (~20 min on 2 cores), after which it runs here through a GGUF
     that bench/peers.py writes (random q4_0 weights of the checkpoint's shapes)."""
     installed = peers.available()
     report: dict[str, Any] = {
@@ -153,16 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--peers", action=argparse.BooleanOptionalAction, default=True, help="llama.cpp where installed"
     )
-    parser.add_argument("--turns", type=int, default=10)
-    parser.add_argument("--query-tokens", type=int, default=40, help="new prompt tokens per turn")
-    parser.add_argument("--answer-tokens", type=int, default=64)
-    parser.add_argument("--decode-tokens", type=int, default=32, help="new tokens per concurrent request")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--memory-conversations", type=int, default=50)
-    parser.add_argument("--prefix-cache-mb", type=int, default=1024)
+    chat.add_arguments(parser, memory_conversations=50)
     args = parser.parse_args(argv)
-    if args.turns < 2 or min(args.concurrency) < 1:
-        parser.error("--turns must be >= 2 and --concurrency values >= 1")
+    chat.check_arguments(parser, args)
     threads = args.threads or default_threads()
     torch.set_num_threads(threads)
     load_before = os.getloadavg()
@@ -233,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.chat:
         del model
         gc.collect()
-        report["chat"] = chat_report(args, threads)
+        # bench/chat.py's measurements in this process, with this run's thread count
+        report["chat"] = asyncio.run(chat.run(argparse.Namespace(**{**vars(args), "threads": threads})))
         targets = report["targets_met"]
         ratio, speedup = (
             report["chat"]["ttft_ratio_turn_last_to_1"],
@@ -244,26 +238,6 @@ def main(argv: list[str] | None = None) -> int:
             targets[f"8_concurrent>={CONCURRENCY_TARGET}x_1"] = speedup["8"] >= CONCURRENCY_TARGET
     print(json.dumps(report))
     return 0
-
-
-def chat_report(args: argparse.Namespace, threads: int) -> dict[str, object]:
-    """bench/chat.py's measurements, in this process."""
-    options = chat.parse_args(
-        [
-            f"--model={args.model}",
-            f"--threads={threads}",
-            f"--dtype={args.dtype}",
-            f"--turns={args.turns}",
-            f"--query-tokens={args.query_tokens}",
-            f"--answer-tokens={args.answer_tokens}",
-            f"--decode-tokens={args.decode_tokens}",
-            f"--prefix-cache-mb={args.prefix_cache_mb}",
-            f"--memory-conversations={args.memory_conversations}",
-            "--concurrency",
-            *map(str, args.concurrency),
-        ]
-    )
-    return asyncio.run(chat.run(options))
 
 
 if __name__ == "__main__":
