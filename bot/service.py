@@ -235,6 +235,7 @@ class ModelService:
         return job
 
     def _run_serial(self, generator: Generator) -> None:
+        has_idle_work = isinstance(generator, IdleWork)
         idle_work = False
         while True:
             job = self._next_job(block=not idle_work)
@@ -253,12 +254,12 @@ class ModelService:
                     self._complete(job, result)
                 finally:
                     self._set_active([])
-                idle_work = isinstance(generator, IdleWork)
+                idle_work = has_idle_work
 
     def _idle_step(self, generator: Generator) -> bool:
-        """One unit of the generator's deferred work, if it has any; True while more remains."""
-        if not isinstance(generator, IdleWork):
-            return False
+        """One unit of the generator's deferred work (it has some: see ``IdleWork``); True while more
+        remains."""
+        assert isinstance(generator, IdleWork)
         try:
             return generator.idle_step()
         except Exception:
@@ -269,6 +270,7 @@ class ModelService:
         """Requests decode together, one forward per step; new ones join at step boundaries. With
         nothing to decode or queued, the generator's idle work runs a unit at a time."""
         active: list[tuple[_Job, DecodeState]] = []
+        has_idle_work = isinstance(generator, IdleWork)
         idle_work = False
         polled: _Job | _Idle | None = _IDLE  # a job taken off the queue while checking for idleness
         while True:
@@ -311,7 +313,7 @@ class ModelService:
             for job, state in active:
                 if state.done:
                     self._finish_state(generator, job, state)
-                    idle_work = isinstance(generator, IdleWork)
+                    idle_work = has_idle_work
                 else:
                     still.append((job, state))
             active = still
