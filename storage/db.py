@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +78,28 @@ def _sqlite_file(url: URL, shown: str) -> URL:
     return url.set(database=str(path))
 
 
+def _set_wal(cursor: Any) -> None:
+    """``PRAGMA journal_mode = WAL``, retried while another connection holds the lock.
+
+    Switching the journal mode can answer "database is locked" at once, without waiting on
+    busy_timeout (seen when two processes open a new database together), so the wait is done here,
+    within the same bound. Hand-written: it runs inside the driver's connect hook, on the driver's
+    own thread, where a blocking sleep is what is wanted."""
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    delay = 0.005
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+            if time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
 def create_engine(url: URL) -> AsyncEngine:
     """An async engine for a normalised URL; SQLite gets WAL, a busy timeout, foreign keys and
     SQLAlchemy-controlled BEGIN (see ``SQLITE_IMMEDIATE``)."""
@@ -90,7 +114,7 @@ def create_engine(url: URL) -> AsyncEngine:
         cursor = dbapi_connection.cursor()
         try:
             cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
-            cursor.execute("PRAGMA journal_mode = WAL")
+            _set_wal(cursor)
             cursor.execute("PRAGMA synchronous = NORMAL")
             cursor.execute("PRAGMA foreign_keys = ON")
         finally:

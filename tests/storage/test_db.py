@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
 from sqlalchemy import event, text
 
 from bot.config import ConfigError
+from storage import db
 from storage.db import SQLITE_IMMEDIATE, create_engine, mask_url, normalize_url
 
 
@@ -106,3 +108,37 @@ async def test_sqlite_engine_pragmas_and_immediate_write_transactions(tmp_path: 
     finally:
         await engine.dispose()
     assert begins[-2:] == ["BEGIN", "BEGIN IMMEDIATE"]
+
+
+class _LockedCursor:
+    """A cursor whose first ``locked`` statements fail as SQLite does while another connection
+    is switching a new database to WAL."""
+
+    def __init__(self, locked: int, message: str = "database is locked") -> None:
+        self.locked = locked
+        self.message = message
+        self.statements: list[str] = []
+
+    def execute(self, sql: str) -> None:
+        self.statements.append(sql)
+        if len(self.statements) <= self.locked:
+            raise sqlite3.OperationalError(self.message)
+
+
+def test_switching_to_wal_waits_out_a_lock() -> None:
+    cursor = _LockedCursor(locked=3)
+    db._set_wal(cursor)
+    assert cursor.statements == ["PRAGMA journal_mode = WAL"] * 4
+
+
+def test_switching_to_wal_gives_up_at_the_busy_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(db, "SQLITE_BUSY_TIMEOUT_MS", 50)
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        db._set_wal(_LockedCursor(locked=10**9))
+
+
+def test_switching_to_wal_does_not_retry_other_errors() -> None:
+    cursor = _LockedCursor(locked=1, message="disk I/O error")
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O"):
+        db._set_wal(cursor)
+    assert len(cursor.statements) == 1

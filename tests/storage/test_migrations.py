@@ -93,10 +93,10 @@ async def test_reopening_keeps_data_and_downgrade_round_trips(storage: Storage, 
     assert await _inspect(database_url, _schema_diff) == []
 
 
-async def test_concurrent_first_starts_both_succeed(database_url: str) -> None:
-    first, second = await asyncio.gather(Storage.open(database_url), Storage.open(database_url))
-    await first.close()
-    await second.close()
+async def test_concurrent_first_starts_all_succeed(database_url: str) -> None:
+    opened = await asyncio.gather(*(Storage.open(database_url) for _ in range(3)))
+    for handle in opened:
+        await handle.close()
     assert (await _inspect(database_url, _tables_and_revision))[0] == TABLES
 
 
