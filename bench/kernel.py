@@ -7,7 +7,7 @@ Weights are random; a pool of distinct layers (bigger than the L3 cache) is cycl
 matmul reads its weights from memory, as in the model. Timings are the minimum over --repeats passes,
 since other processes on the machine make single runs noisy.
 
-    .venv/bin/python bench/kernel.py [--threads 2] [--repeats 5] [--tokens 1 64] [--no-baselines]
+    .venv/bin/python bench/kernel.py [--threads 2] [--repeats 5] [--tokens 1 64] [--no-baselines] [--no-amx]
 """
 
 from __future__ import annotations
@@ -105,8 +105,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--pool", type=int, default=2, help="distinct layers cycled through (>= 2 beats L3)")
     parser.add_argument("--no-baselines", action="store_true", help="only the native kernel")
+    parser.add_argument("--no-amx", action="store_true", help="VPDPBUSD even where AMX-INT8 would serve")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.no_amx:
+        native.set_amx(False)
     methods = ["native"] if args.no_baselines else list(METHODS)
     layer_params = sum(o * i for o, i in LAYER_SHAPES.values())
     result: dict[str, object] = {

@@ -14,6 +14,7 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -182,11 +183,44 @@ def test_unavailable_reasons_are_reported(
 @pytest.mark.usefixtures("kernel")
 def test_the_build_uses_the_fastest_instruction_set_the_cpu_has() -> None:
     assert native._kernel().isa == native.expected_isa(native.cpu_flags())
-    assert native.backend_name() == f"native ({native._kernel().isa})"
+    amx = " + amx" if native._kernel().amx_enabled() else ""
+    assert native.backend_name() == f"native ({native._kernel().isa}{amx})"
+    if not {"amx_tile", "amx_int8"} <= native.cpu_flags():
+        assert not native.set_amx(True)
     avx512 = frozenset(native.ISA_FLAGS["avx512-vnni"])
     assert native.expected_isa(avx512 | {"avx2", "fma"}) == "avx512-vnni"
     assert native.expected_isa(frozenset({"avx2", "fma", "avx512f", "avx512bw"})) == "avx2"
     assert native.expected_isa(frozenset({"avx2", "avx"})) is None
+
+
+@pytest.fixture
+def amx() -> Iterator[None]:
+    if not native.set_amx(True):
+        pytest.skip("no AMX-INT8 here (CPU or OS)")
+    yield
+    native.set_amx(True)
+
+
+@pytest.mark.usefixtures("kernel", "amx")
+@pytest.mark.parametrize(("out", "in_features"), [(40, 100), (4608, 4096), (96, 13696)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_amx_route_gives_the_same_bits_as_vnni_and_as_one_row_at_a_time(
+    out: int, in_features: int, dtype: torch.dtype
+) -> None:
+    qweight, scale = official(out, in_features, seed=3)
+    packed = native.PackedInt4.from_official(qweight, scale)
+    bias = torch.randn(out, generator=torch.Generator().manual_seed(4))
+    gen = torch.Generator().manual_seed(5)
+    for tokens in (15, 16, 17, 64, 65, 130):  # below the AMX threshold, one tile, remainders, passes
+        x = (torch.randn(tokens, in_features, generator=gen) * 3).to(dtype)
+        x[0, 7] = 400.0  # an outlier: its block's scale differs from the others'
+        with_amx = native.int4_linear(x, packed, bias)
+        assert native.set_amx(False) is False
+        without = native.int4_linear(x, packed, bias)
+        native.set_amx(True)
+        alone = torch.cat([native.int4_linear(x[i : i + 1], packed, bias) for i in range(tokens)])
+        assert torch.equal(with_amx, without), tokens
+        assert torch.equal(with_amx, alone), tokens
 
 
 def test_packing_round_trips_exactly() -> None:

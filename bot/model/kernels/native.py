@@ -1,7 +1,9 @@
 """int4 x int8 matmul in C++ (int4_native.cpp): JIT build, cache, weight repacking, exact fallback.
 
 The kernel has two instruction-set paths over one weight layout, picked at compile time by -march=native:
-AVX512-VNNI (VPDPBUSD) and AVX2 (VPMADDUBSW + VPMADDWD); both compute the same integer sums. It is
+AVX512-VNNI (VPDPBUSD) and AVX2 (VPMADDUBSW + VPMADDWD); both compute the same integer sums. Where the
+CPU (and the OS) also has AMX-INT8, calls of many token rows (prefill) go through its tiles, again with
+the same integer sums and the same float steps, so results do not depend on the route (``set_amx``). It is
 compiled on first use with torch.utils.cpp_extension (gcc -O3 -march=native -fopenmp) into a cache
 directory keyed by the source, the CPU flags, torch's version, the compiler and the flags, so later
 processes only load it. Where there is no compiler, no ninja or neither instruction set, or the kernel
@@ -79,11 +81,18 @@ def available() -> bool:
 
 
 def backend_name() -> str:
-    """``"native (<instruction set>)"``, or why the kernel is not used."""
+    """``"native (<instruction set>[ + amx])"``, or why the kernel is not used."""
     module = _kernel()
     if module is not None:
-        return f"native ({module.isa})"
+        return f"native ({module.isa}{' + amx' if module.amx_enabled() else ''})"
     return "disabled by configuration" if not _state.enabled else _state.reason
+
+
+def set_amx(enabled: bool) -> bool:
+    """Let calls of many token rows use AMX-INT8 (the default where the CPU and OS have it); returns
+    whether they now do. Same results either way: for benchmarks and tests."""
+    module = _kernel()
+    return module is not None and bool(module.set_amx(enabled))
 
 
 def _kernel() -> Any:
@@ -131,6 +140,8 @@ def _load(cache_dir: Path) -> tuple[ModuleType | None, str]:
         logger.warning("int4 matmul kernel unavailable (%s); using the float32 reference", exc)
         return None, str(exc)
     logger.info("int4 matmul kernel: native %s (%s)", module.isa, how)
+    if module.amx_enabled():
+        logger.info("int4 matmul kernel: AMX-INT8 for calls of %d or more token rows", module.amx_min_tokens)
     return module, "native"
 
 
