@@ -613,6 +613,11 @@ torch::Tensor pack_official(const torch::Tensor& qweight) {
 
 }  // namespace
 
+namespace chatglm {
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                               const torch::Tensor& positions);  // attention.cpp
+}
+
 // Whether calls of many token rows take the AMX route; never where the build or the OS lacks AMX.
 bool set_amx(bool enabled) {
 #ifdef INT4_AMX
@@ -647,6 +652,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("scale"), pybind11::arg("out_features"),
         pybind11::arg("bias") = pybind11::none(),
         // The event loop shares this process: let it run while the matmul does.
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("decode_attention", &chatglm::decode_attention,
+        "out[B, H, D] = softmax(q k^T / sqrt(D)) v over cache slots 0..positions[b] (bfloat16 in and out)",
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("positions"),
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("pack_official", &pack_official, "repack official int4 weights for int4_linear",
         pybind11::arg("qweight"), pybind11::call_guard<pybind11::gil_scoped_release>());

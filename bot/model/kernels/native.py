@@ -31,6 +31,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("int4_native.cpp")
+SOURCES = (SOURCE, Path(__file__).with_name("attention.cpp"))  # one extension module
 BLOCK = 32  # activation values per int8 scale; in_features is padded to a multiple (kBlock in C++)
 TILE_ROWS = 32  # output rows per packed tile (kTileRows in C++)
 # The kernel's paths, fastest first, with the /proc/cpuinfo flags each needs.
@@ -38,6 +39,8 @@ ISA_FLAGS: dict[str, tuple[str, ...]] = {
     "avx512-vnni": ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
     "avx2": ("avx2", "fma"),
 }
+ATTENTION_DIM_MULTIPLE = 16  # decode_attention's shapes (attention.cpp: kChunk, kLanes)
+ATTENTION_MAX_HEADS_PER_GROUP = 16
 _CFLAGS = ("-O3", "-march=native", "-fopenmp")
 _LDFLAGS = ("-fopenmp",)
 _CHUNK_ROWS = 4096  # rows converted at once, so packing or the fallback never holds a whole fp32 matrix
@@ -121,7 +124,7 @@ def cpu_flags() -> frozenset[str]:
 def build_dir(cache_dir: Path, compiler_version: str) -> Path:
     digest = hashlib.sha256()
     for part in (
-        SOURCE.read_bytes(),
+        *(source.read_bytes() for source in SOURCES),
         " ".join(sorted(cpu_flags())).encode(),
         torch.__version__.encode(),
         compiler_version.encode(),
@@ -180,7 +183,7 @@ def _build(cache_dir: Path) -> tuple[ModuleType, str]:
         started = time.monotonic()
         module = cpp_extension.load(
             name=name,
-            sources=[str(SOURCE)],
+            sources=[str(source) for source in SOURCES],
             extra_cflags=list(_CFLAGS),
             extra_ldflags=list(_LDFLAGS),
             build_directory=str(directory),
@@ -326,6 +329,23 @@ def int4_linear(x: torch.Tensor, w: PackedInt4, bias: torch.Tensor | None = None
         b = None if bias is None else bias.to(torch.float32).contiguous()
         y = module.int4_linear(rows.contiguous(), w.packed, w.scale, w.out_features, b)
     return y.view(*x.shape[:-1], w.out_features)
+
+
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor | None:
+    """One new token per row over bfloat16 caches: q [B, H, D], k/v [B, G, T, D] (contiguous; row b
+    sees slots 0..positions[b]) -> [B, H, D] bfloat16, computed in float32 (attention.cpp). None where
+    the compiled kernel is not in use or does not take the shapes (D a multiple of 16, at most 16
+    query heads per group): the caller then runs PyTorch's path."""
+    heads, dim, groups = q.shape[1], q.shape[2], k.shape[1]
+    if dim % ATTENTION_DIM_MULTIPLE or heads % groups or heads // groups > ATTENTION_MAX_HEADS_PER_GROUP:
+        return None
+    module = _kernel()
+    if module is None:
+        return None
+    out: torch.Tensor = module.decode_attention(q.contiguous(), k, v, positions)
+    return out
 
 
 def reference_linear(x: torch.Tensor, w: PackedInt4, bias: torch.Tensor | None = None) -> torch.Tensor:
