@@ -55,14 +55,23 @@ class KVCache(nn.Module):
     v_cache: torch.Tensor
 
     def update(
-        self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first_row: int = 0
+        self,
+        input_pos: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        first_row: int = 0,
+        newest: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write ``k, v [B, G, S, D]`` at ``input_pos [B, S]`` into rows ``first_row ..``; return those
-        B rows of the cache (views, no copy)."""
-        batch = k.shape[0]
+        B rows of the cache (views, no copy). ``newest``: the largest position, when the caller knows it
+        (one row and one token then go by a plain slice copy, ~10x cheaper than an indexed one)."""
+        batch, _, seq, _ = k.shape
         rows_used = slice(first_row, first_row + batch)
         k_out, v_out = self.k_cache[rows_used], self.v_cache[rows_used]
-        if batch == 1 or bool((input_pos == input_pos[:1]).all()):
+        if batch == 1 and seq == 1 and newest is not None:
+            k_out[:, :, newest : newest + 1].copy_(k)
+            v_out[:, :, newest : newest + 1].copy_(v)
+        elif batch == 1 or bool((input_pos == input_pos[:1]).all()):
             k_out.index_copy_(2, input_pos[0], k)
             v_out.index_copy_(2, input_pos[0], v)
         else:
@@ -161,7 +170,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H|G, S, D]
         if self.kv_cache is None:
             raise RuntimeError("call setup_caches() before forward()")
-        k_all, v_all = self.kv_cache.update(input_pos, k, v, first_row)  # [B, G, T, D]
+        k_all, v_all = self.kv_cache.update(input_pos, k, v, first_row, length - 1)  # [B, G, T, D]
         if seq == 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu":
             flat = native.decode_attention(
                 q.reshape(batch, self.n_heads, self.head_dim), k_all, v_all, input_pos[:, 0]

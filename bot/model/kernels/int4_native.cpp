@@ -216,6 +216,8 @@ bool amx_permitted() {
 
 std::atomic<bool> g_amx{false};
 
+bool use_amx(int64_t n) { return n >= kAmxMinTokens && g_amx.load(std::memory_order_relaxed); }
+
 // Token rows [t0, t0 + count) (count <= kAmxMaxTokens) of one weight tile. p.q has its rows padded to a
 // multiple of kAmxRows, so every A tile load reads defined (zero) memory.
 template <typename Out>
@@ -434,6 +436,10 @@ void run_tile(const Problem& p, int64_t tile, int64_t t0, Out* y) {
 }
 #endif
 
+#ifndef INT4_AMX
+bool use_amx(int64_t) { return false; }
+#endif
+
 using Clock = std::chrono::steady_clock;
 
 // When another process holds a core, a parallel call ends waiting at OpenMP's barrier for a descheduled
@@ -498,7 +504,7 @@ void run(const Problem& p, const X* x, int64_t n, int64_t k, X* y, int64_t tiles
   }
   const bool long_call = n * p.kp * p.out >= kLongCallMacs;
 #ifdef INT4_AMX
-  if (n >= kAmxMinTokens && g_amx.load(std::memory_order_relaxed)) {
+  if (use_amx(n)) {
     parallel_chunks(tiles, long_call, [&](int64_t first, int64_t last) {
       amx_configure();  // the tile configuration is per thread
       for (int64_t tile = first; tile < last; ++tile) {
@@ -543,10 +549,10 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& packed, c
     bias_ptr = bias->data_ptr<float>();
   }
   const int64_t nb = kp / kBlock;
-  // Rows padded to whole AMX A tiles with zeros, so every tile load reads defined memory.
-  const int64_t q_rows = (n + 15) / 16 * 16;
+  // On the AMX route, rows padded to whole A tiles with zeros, so every tile load reads defined memory.
+  const int64_t q_rows = use_amx(n) ? (n + 15) / 16 * 16 : n;
   auto q = torch::empty({q_rows, kp}, x.options().dtype(at::kChar));
-  q.narrow(0, n, q_rows - n).zero_();
+  if (q_rows > n) q.narrow(0, n, q_rows - n).zero_();
   auto sx = torch::empty({n, nb}, x.options().dtype(at::kFloat));
   auto corr = torch::empty({n}, x.options().dtype(at::kFloat));
   auto y = torch::empty({n, out}, x.options());
