@@ -163,21 +163,28 @@ inline void tile_dot(const uint8_t* w, const int8_t* q, int64_t kp, const float*
   }
 }
 
-template <int T, typename Out>
-void run_tile(const Problem& p, int64_t tile, int64_t t0, Out* y) {
-  __m512 acc[T][2];
-  tile_dot<T>(p.w + tile * (p.kp / 8) * kStepBytes, p.q + t0 * p.kp, p.kp, p.sx + t0 * p.nb, p.nb, acc);
+// Rows [t0, t0 + count) of one tile's 32 outputs from their float sums sum(t, g) (16 rows of group g):
+// (sum + corr) * weight scale + bias.
+template <typename Out, typename Sum>
+void store_tile(const Problem& p, int64_t tile, int64_t t0, int64_t count, Out* y, const Sum& sum) {
   for (int g = 0; g < 2; ++g) {
     const int64_t o = tile * kTileRows + g * 16;
     const __mmask16 m = tail_mask(p.out - o);
     if (m == 0) continue;
     const __m512 ws = _mm512_loadu_ps(p.wscale + o);
     const __m512 b = p.bias ? _mm512_maskz_loadu_ps(m, p.bias + o) : _mm512_setzero_ps();
-    for (int t = 0; t < T; ++t) {
-      const __m512 v = _mm512_fmadd_ps(_mm512_add_ps(acc[t][g], _mm512_set1_ps(p.corr[t0 + t])), ws, b);
+    for (int64_t t = 0; t < count; ++t) {
+      const __m512 v = _mm512_fmadd_ps(_mm512_add_ps(sum(t, g), _mm512_set1_ps(p.corr[t0 + t])), ws, b);
       store16(y + (t0 + t) * p.out + o, v, m);
     }
   }
+}
+
+template <int T, typename Out>
+void run_tile(const Problem& p, int64_t tile, int64_t t0, Out* y) {
+  __m512 acc[T][2];
+  tile_dot<T>(p.w + tile * (p.kp / 8) * kStepBytes, p.q + t0 * p.kp, p.kp, p.sx + t0 * p.nb, p.nb, acc);
+  store_tile(p, tile, t0, T, y, [&](int64_t t, int g) { return acc[t][g]; });
 }
 
 #ifdef INT4_AMX
@@ -271,18 +278,7 @@ void amx_tile(const Problem& p, int64_t tile, int64_t t0, int64_t count, Out* y)
       }
     }
   }
-  for (int g = 0; g < 2; ++g) {
-    const int64_t o = tile * kTileRows + g * 16;
-    const __mmask16 m = tail_mask(p.out - o);
-    if (m == 0) continue;
-    const __m512 ws = _mm512_loadu_ps(p.wscale + o);
-    const __m512 b = p.bias ? _mm512_maskz_loadu_ps(m, p.bias + o) : _mm512_setzero_ps();
-    for (int64_t t = 0; t < count; ++t) {
-      const __m512 a = _mm512_load_ps(acc[t] + g * 16);
-      const __m512 v = _mm512_fmadd_ps(_mm512_add_ps(a, _mm512_set1_ps(p.corr[t0 + t])), ws, b);
-      store16(y + (t0 + t) * p.out + o, v, m);
-    }
-  }
+  store_tile(p, tile, t0, count, y, [&](int64_t t, int g) { return _mm512_load_ps(acc[t] + g * 16); });
 }
 #endif
 
