@@ -20,5 +20,16 @@ def test_chat_bench_reports_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert report["idle_extension_s"] >= 0
     assert set(report["decode_tokens_per_s"]) == {"1", "2"} and report["decode_tokens_per_s"]["2"] > 0
     assert report["peak_rss_gb"] > 0 and report["kv_copy_ms_per_1k_tokens"] > 0
+    assert report["peak_rss_scope"] in ("this run", "the whole process")
     assert report["memory"]["prefix_cache_entries"] >= 3
     assert report["memory"]["prefix_cache_peak_mb"] <= report["memory"]["prefix_cache_limit_mb"]
+
+
+def test_peak_rss_can_start_a_new_window() -> None:
+    block = bytearray(400 * 2**20)
+    block[::4096] = b"x" * len(block[::4096])  # touch every page
+    with_block = chat.peak_rss_gb()
+    del block
+    if not chat.reset_peak_rss():
+        pytest.skip("no /proc/self/clear_refs here")
+    assert chat.peak_rss_gb() < with_block - 0.3
