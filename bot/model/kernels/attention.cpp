@@ -5,9 +5,9 @@
 // 50-230 ms per decode step over the 28 layers (bench/attention.py), against 27-33 ms here. This reads
 // K and V once, converts them block by block in cache, and works in float32: per (row, key/value
 // group), the group's query heads sit in the lanes of one 16-float vector, so each slot costs 2 x 128
-// multiply-adds with a broadcast operand and no horizontal sums. Each (row, group) is computed the same way whatever the
-// batch, so a row's output does not depend on the rows beside it. Written with GCC vector extensions:
-// one 512-bit register per vector with AVX-512, two 256-bit ones with AVX2.
+// multiply-adds with a broadcast operand and no horizontal sums. Each (row, group) is computed the same
+// way whatever the batch, so a row's output does not depend on the rows beside it. Written with GCC
+// vector extensions: one 512-bit register per vector with AVX-512, two 256-bit ones with AVX2.
 
 #include <torch/extension.h>
 
@@ -52,12 +52,6 @@ inline v16 exp_nonpositive(v16 x) {
   std::memcpy(&scale, &bits, sizeof scale);
   v16 result = p * scale;
   return x <= lo ? splat(0.0f) : result;
-}
-
-inline float hmax(v16 v) {
-  float m = v[0];
-  for (int i = 1; i < kLanes; ++i) m = std::max(m, v[i]);
-  return m;
 }
 
 // One (row, group): out[h][d] for the group's `heads` query heads over slots [0, slots).

@@ -502,7 +502,7 @@ void run_rest(const Problem& p, int64_t tile, int64_t t0, int64_t rest, Out* y) 
 }
 
 template <typename X>
-void run(const Problem& p, const X* x, int64_t n, int64_t k, X* y, int64_t tiles) {
+void run(const Problem& p, const X* x, int64_t n, int64_t k, X* y, int64_t tiles, bool amx) {
   // Serial: ~1 us per 4096 values, a few percent of a prefill matmul, and a parallel call this short
   // would be all stall under contention.
   for (int64_t r = 0; r < n; ++r) {
@@ -510,7 +510,7 @@ void run(const Problem& p, const X* x, int64_t n, int64_t k, X* y, int64_t tiles
   }
   const bool long_call = n * p.kp * p.out >= kLongCallMacs;
 #ifdef INT4_AMX
-  if (use_amx(n)) {
+  if (amx) {
     parallel_chunks(tiles, long_call, [&](int64_t first, int64_t last) {
       amx_configure();  // the tile configuration is per thread
       for (int64_t tile = first; tile < last; ++tile) {
@@ -520,6 +520,8 @@ void run(const Problem& p, const X* x, int64_t n, int64_t k, X* y, int64_t tiles
     });
     return;
   }
+#else
+  (void)amx;  // never true in a build without AMX
 #endif
   parallel_chunks(tiles, long_call, [&](int64_t first, int64_t last) {
     for (int64_t tile = first; tile < last; ++tile) {
@@ -555,8 +557,10 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& packed, c
     bias_ptr = bias->data_ptr<float>();
   }
   const int64_t nb = kp / kBlock;
-  // On the AMX route, rows padded to whole A tiles with zeros, so every tile load reads defined memory.
-  const int64_t q_rows = use_amx(n) ? (n + 15) / 16 * 16 : n;
+  // Decided once per call: the AMX route needs q's rows padded to whole A tiles with zeros, so that
+  // every tile load reads defined memory.
+  const bool amx = use_amx(n);
+  const int64_t q_rows = amx ? (n + 15) / 16 * 16 : n;
   auto q = torch::empty({q_rows, kp}, x.options().dtype(at::kChar));
   if (q_rows > n) q.narrow(0, n, q_rows - n).zero_();
   auto sx = torch::empty({n, nb}, x.options().dtype(at::kFloat));
@@ -566,9 +570,9 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& packed, c
   const Problem p{packed.data_ptr<uint8_t>(), wscale.data_ptr<float>(), bias_ptr, q.data_ptr<int8_t>(),
                   sx.data_ptr<float>(), corr.data_ptr<float>(), out, kp, nb};
   if (x.scalar_type() == at::kFloat) {
-    run(p, x.data_ptr<float>(), n, k, y.data_ptr<float>(), tiles);
+    run(p, x.data_ptr<float>(), n, k, y.data_ptr<float>(), tiles, amx);
   } else {
-    run(p, x.data_ptr<at::BFloat16>(), n, k, y.data_ptr<at::BFloat16>(), tiles);
+    run(p, x.data_ptr<at::BFloat16>(), n, k, y.data_ptr<at::BFloat16>(), tiles, amx);
   }
   return y;
 }
@@ -637,7 +641,8 @@ bool set_amx(bool enabled) {
   g_amx.store(enabled && permitted);
   return enabled && permitted;
 #else
-  return enabled && false;
+  (void)enabled;
+  return false;
 #endif
 }
 
