@@ -162,6 +162,8 @@ def load_model(
         prepare_int4(module, compute, mapped.release, use_native=use_native)
         mapped.trim_heap()
     model.eval().requires_grad_(False)
+    if use_native and model.use_native_ops():
+        why += "; RMSNorm, SwiGLU and RoPE compiled"
     kind = f"int4 matmul {', '.join(int4_backends(model))} ({why})" if quantized else "dense"
     logger.info("loaded %s (%s, %s on %s)", folder, kind, compute, target)
     return model, tokenizer, config

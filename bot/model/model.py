@@ -10,9 +10,15 @@ row (``input_pos [B, S]``; ``[S]`` is shared by all rows). Attention masks key s
 position ``p`` unless ``t <= p``, so rows at different positions can decode together. ``first_row``
 picks which cache rows a forward uses (rows ``first_row .. first_row + B - 1``), so one request can be
 prefilled into its own row while other rows hold other requests.
+
+``use_native_ops`` (bfloat16 on the CPU, with the compiled kernels) swaps the small per-token steps for
+one compiled call each: RMSNorm, SwiGLU, and RoPE with the cache write (kernels/pointwise.cpp), in
+float32 with one rounding per output instead of one per PyTorch op. float32 stays the exact reference.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +37,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
+        self.native = False  # set by ChatGLM2.use_native_ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native:
+            return native.rms_norm(x, self.weight, self.eps)
         # In fp32, as the official ``weight * (x * rsqrt(mean(x^2) + eps))``; the in-place steps give the
         # same bits with fewer temporaries (products commute exactly).
         xf = x.to(torch.float32)
@@ -134,6 +143,22 @@ def decode_attention(
     return out.reshape(batch, heads, 1, dim).to(q.dtype)
 
 
+@dataclass(frozen=True)
+class Step:
+    """What every layer of one forward shares: ``input_pos`` [B, S]; ``mask`` [B, 1, S, T], or None when
+    every query sees every one of the ``length`` (T) slots it can see (one row, one token); cache rows
+    ``first_row ..``; ``rope``: ``rope_factors`` of the tokens' positions (PyTorch's path) or, with
+    native ops, the whole (cos, sin) table [max_seq_len, R/2, 2] with ``cache_rows`` [B * S], each
+    token's cache row."""
+
+    input_pos: torch.Tensor
+    mask: torch.Tensor | None
+    length: int
+    first_row: int
+    rope: torch.Tensor
+    cache_rows: torch.Tensor | None = None
+
+
 class Attention(nn.Module):
     def __init__(self, config: ChatGLM2Config, dtype: torch.dtype | None = None) -> None:
         super().__init__()
@@ -145,45 +170,51 @@ class Attention(nn.Module):
         self.query_key_value = nn.Linear(config.hidden_size, qkv, bias=config.add_qkv_bias, dtype=dtype)
         self.dense = nn.Linear(config.q_size, config.hidden_size, bias=False, dtype=dtype)
         self.kv_cache: KVCache | None = None
+        self.native = False  # set by ChatGLM2.use_native_ops
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: torch.Tensor,
-        input_pos: torch.Tensor,
-        mask: torch.Tensor | None,
-        length: int,
-        first_row: int = 0,
-    ) -> torch.Tensor:
-        """``rope``: ``rope_factors`` of the tokens' positions; ``length``: the slots any query can see
-        (T); ``mask`` [B, 1, S, T], or None when every query sees every one of them (one row, one token)."""
+    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         batch, seq, _ = x.shape  # [B, S, C]
-        qkv = self.query_key_value(x)  # a fresh tensor: RoPE rotates its q and k heads in place
-        q_end, k_end = self.q_size, self.q_size + self.kv_size
-        rot_dim = rope.shape[-2] * 2
-        heads = qkv[..., :k_end].unflatten(-1, (self.n_heads + self.n_groups, self.head_dim))
-        pairs = heads[..., :rot_dim].unflatten(-1, (rot_dim // 2, 2))  # [B, S, H+G, R/2, 2]
-        pairs.copy_(pairs * rope[0] + pairs.flip(-1) * rope[1])
-        q = qkv[..., :q_end].view(batch, seq, self.n_heads, self.head_dim)  # [B, S, H, D]
-        k = qkv[..., q_end:k_end].view(batch, seq, self.n_groups, self.head_dim)  # [B, S, G, D]
-        v = qkv[..., k_end:].view(batch, seq, self.n_groups, self.head_dim)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H|G, S, D]
         if self.kv_cache is None:
             raise RuntimeError("call setup_caches() before forward()")
-        k_all, v_all = self.kv_cache.update(input_pos, k, v, first_row, length - 1)  # [B, G, T, D]
+        qkv = self.query_key_value(x)  # a fresh tensor: RoPE rotates its q and k heads in place
+        q_end, k_end = self.q_size, self.q_size + self.kv_size
+        if self.native and step.cache_rows is not None:
+            cache = self.kv_cache
+            native.rope_cache_write(
+                qkv.view(batch * seq, -1),
+                step.input_pos.reshape(-1),
+                step.cache_rows,
+                step.rope,
+                self.n_heads,
+                cache.k_cache,
+                cache.v_cache,
+            )
+            rows_used = slice(step.first_row, step.first_row + batch)
+            k_all, v_all = cache.k_cache[rows_used], cache.v_cache[rows_used]  # [B, G, T, D]
+        else:
+            rot_dim = step.rope.shape[-2] * 2
+            heads = qkv[..., :k_end].unflatten(-1, (self.n_heads + self.n_groups, self.head_dim))
+            pairs = heads[..., :rot_dim].unflatten(-1, (rot_dim // 2, 2))  # [B, S, H+G, R/2, 2]
+            pairs.copy_(pairs * step.rope[0] + pairs.flip(-1) * step.rope[1])
+            k = qkv[..., q_end:k_end].view(batch, seq, self.n_groups, self.head_dim)  # [B, S, G, D]
+            v = qkv[..., k_end:].view(batch, seq, self.n_groups, self.head_dim)
+            k_all, v_all = self.kv_cache.update(
+                step.input_pos, k.transpose(1, 2), v.transpose(1, 2), step.first_row, step.length - 1
+            )  # [B, G, T, D]
+        q = qkv[..., :q_end].view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, S, D]
         if seq == 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu":
             flat = native.decode_attention(
-                q.reshape(batch, self.n_heads, self.head_dim), k_all, v_all, input_pos[:, 0]
+                q.reshape(batch, self.n_heads, self.head_dim), k_all, v_all, step.input_pos[:, 0]
             )
             if flat is not None:  # [B, H, D]: with one token, already [B, S, H * D] in memory
                 projected_flat: torch.Tensor = self.dense(flat.view(batch, seq, self.q_size))
                 return projected_flat
-        k_seen, v_seen = k_all[:, :, :length], v_all[:, :, :length]
+        k_seen, v_seen = k_all[:, :, : step.length], v_all[:, :, : step.length]
         if seq == 1:
-            out = decode_attention(q, k_seen, v_seen, mask)
+            out = decode_attention(q, k_seen, v_seen, step.mask)
         else:
             out = F.scaled_dot_product_attention(
-                q, k_seen, v_seen, attn_mask=mask, enable_gqa=True
+                q, k_seen, v_seen, attn_mask=step.mask, enable_gqa=True
             )  # query head h reads group h // (H / G); scale 1/sqrt(D)
         projected: torch.Tensor = self.dense(out.transpose(1, 2).reshape(batch, seq, self.q_size))
         return projected
@@ -196,10 +227,16 @@ class MLP(nn.Module):
             config.hidden_size, 2 * config.ffn_hidden_size, bias=False, dtype=dtype
         )
         self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=False, dtype=dtype)
+        self.native = False  # set by ChatGLM2.use_native_ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.dense_h_to_4h(x).chunk(2, dim=-1)  # SwiGLU: first half gates the second
-        out: torch.Tensor = self.dense_4h_to_h(F.silu(gate) * up)
+        h = self.dense_h_to_4h(x)  # SwiGLU: the first half gates the second
+        if self.native:
+            act = native.swiglu(h)
+        else:
+            gate, up = h.chunk(2, dim=-1)
+            act = F.silu(gate) * up
+        out: torch.Tensor = self.dense_4h_to_h(act)
         return out
 
 
@@ -212,16 +249,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype)
         self.mlp = MLP(config, dtype)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: torch.Tensor,
-        input_pos: torch.Tensor,
-        mask: torch.Tensor | None,
-        length: int,
-        first_row: int = 0,
-    ) -> torch.Tensor:
-        x = x + self.self_attention(self.input_layernorm(x), rope, input_pos, mask, length, first_row)
+    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        x = x + self.self_attention(self.input_layernorm(x), step)
         mlp_out: torch.Tensor = self.mlp(self.post_attention_layernorm(x))
         return x + mlp_out
 
@@ -262,6 +291,7 @@ class ChatGLM2(nn.Module):
         self.max_batch = 0
         self.max_seq_len = 0
         self.rope = torch.empty(0, device="cpu")  # [T, R/2, 2], made by setup_caches
+        self.native_ops = False
 
     @property
     def device(self) -> torch.device:
@@ -282,6 +312,24 @@ class ChatGLM2(nn.Module):
             ).to(device)
         self.rope = rope_cache(max_seq_len, config.rotary_dim, dtype).to(device)
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
+
+    def use_native_ops(self, enabled: bool = True) -> bool:
+        """Run RMSNorm, SwiGLU and RoPE with the cache write as compiled calls (kernels/pointwise.cpp);
+        returns whether they now are: only for bfloat16 on the CPU, with the kernels built, and hidden and
+        MLP sizes that are multiples of 16."""
+        config = self.config
+        fits = (
+            self.compute_dtype == torch.bfloat16
+            and self.device.type == "cpu"
+            and config.hidden_size % 16 == 0
+            and config.ffn_hidden_size % 16 == 0
+        )
+        on = enabled and fits and native.available()
+        for module in self.modules():
+            if isinstance(module, RMSNorm | Attention | MLP):
+                module.native = on
+        self.native_ops = on
+        return on
 
     @property
     def blocks(self) -> list[Block]:
@@ -313,10 +361,14 @@ class ChatGLM2(nn.Module):
         if batch > 1 or seq > 1:
             slots = torch.arange(length, device=input_ids.device)
             mask = (slots[None, None, :] <= input_pos[:, :, None])[:, None]  # [B, 1, S, T]
-        rope = rope_factors(self.rope[input_pos])  # [2, B, S, 1, R/2, 2], once for all layers
+        if self.native_ops:
+            rows = torch.arange(first_row, first_row + batch).repeat_interleave(seq)  # [B * S]
+            step = Step(input_pos, mask, length, first_row, self.rope, rows)
+        else:  # [2, B, S, 1, R/2, 2], once for all layers
+            step = Step(input_pos, mask, length, first_row, rope_factors(self.rope[input_pos]))
         x = self.transformer.embedding.word_embeddings(input_ids).to(dtype)  # [B, S, C]
         for block in self.blocks:
-            x = block(x, rope, input_pos, mask, length, first_row)
+            x = block(x, step)
         if last_only:
             x = x[:, -1:]
         x = self.transformer.encoder.final_layernorm(x)

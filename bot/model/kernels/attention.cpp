@@ -20,39 +20,13 @@
 #include <limits>
 #include <vector>
 
+#include "vec.h"
+
 namespace chatglm {
 namespace {
 
-using v16 = float __attribute__((vector_size(64)));
-using v16i = int32_t __attribute__((vector_size(64)));
 constexpr int kLanes = 16;  // query heads per key/value group that one vector holds
 constexpr int kSlotBlock = 64;  // slots whose keys/values are converted to float32 at a time
-
-inline v16 splat(float x) { return v16{} + x; }
-
-inline float bf16_to_float(const at::BFloat16& x) { return static_cast<float>(x); }
-
-// e^x for x <= 0 (scores minus their maximum), ~2 ulp: x = n ln2 + r, |r| <= ln2 / 2, a degree-6
-// polynomial for e^r, then 2^n through the exponent bits. Below -87 the result is 0.
-inline v16 exp_nonpositive(v16 x) {
-  const v16 lo = splat(-87.0f);
-  x = x < lo ? lo : x;
-  const v16 magic = splat(12582912.0f);  // 1.5 * 2^23: adding and subtracting it rounds to an integer
-  const v16 n = (x * 1.44269504088896341f + magic) - magic;
-  const v16 r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln 2 split in two for exact products
-  v16 p = splat(1.0f / 720);
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const v16i bits = (__builtin_convertvector(n, v16i) + 127) << 23;
-  v16 scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  v16 result = p * scale;
-  return x <= lo ? splat(0.0f) : result;
-}
 
 // One (row, group): out[h][d] for the group's `heads` query heads over slots [0, slots).
 void row_group(const at::BFloat16* q, const at::BFloat16* k, const at::BFloat16* v, int64_t slots,

@@ -46,11 +46,17 @@ constexpr int64_t kTileRows = 32;    // output rows per weight tile: two registe
 constexpr int64_t kStepBytes = 128;  // one tile's 8 k-values: 32 rows x 8 nibbles
 constexpr int64_t kSteps = kBlock / 8;
 constexpr int kMaxTokens = 4;        // token rows sharing each unpacked weight register
-// How far ahead of the VPDPBUSD GEMV (1-2 token rows) its weights are prefetched: 4 blocks. Measured
-// (h_to_4h, 2 threads, weights from memory): 23.3 GB/s, the machine's read bandwidth, against
-// 21.6-22.5 GB/s with the hardware prefetcher alone; 1 KB and 4 KB did no better. Prefetches past the
-// end of the weights are harmless (they never fault).
+// How far ahead of the VPDPBUSD GEMV (1-2 token rows) its weights are prefetched: 4 blocks, on Intel
+// CPUs only. Measured (2 threads, weights from memory): on a Xeon, 23.3 GB/s for h_to_4h, the machine's
+// read bandwidth, against 21.6-22.5 GB/s with the hardware prefetcher alone (1 KB and 4 KB did no
+// better); on an AMD EPYC (Zen 4) the 28 layers read 31.3 GB/s with it and 32.8 GB/s without (1 thread:
+// 18.4 vs 21.9), and 1 KB, 4 KB and the T1/NTA hints were slower too. Prefetches past the end of the
+// weights are harmless (they never fault).
 constexpr int64_t kPrefetchBytes = 2048;
+const bool g_prefetch = [] {
+  __builtin_cpu_init();  // this may run before libgcc's own initializer does
+  return __builtin_cpu_is("intel") > 0;
+}();
 
 struct Problem {
   const uint8_t* w;
@@ -119,6 +125,7 @@ inline void tile_dot(const uint8_t* w, const int8_t* q, int64_t kp, const float*
   // dependency chains so the GEMV is not latency-bound.
   constexpr int P = T <= 2 ? 2 : 1;
   const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const bool prefetch = T <= 2 && g_prefetch;
   for (int t = 0; t < T; ++t) acc[t][0] = acc[t][1] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     __m512i ia[T][2][P];
@@ -127,7 +134,7 @@ inline void tile_dot(const uint8_t* w, const int8_t* q, int64_t kp, const float*
         for (int p = 0; p < P; ++p) ia[t][g][p] = _mm512_setzero_si512();
     const uint8_t* wb = w + b * kSteps * kStepBytes;
     const int8_t* qb = q + b * kBlock;
-    if constexpr (T <= 2) {  // memory-bound: keep more lines in flight than the hardware prefetcher does
+    if (prefetch) {  // memory-bound: keep more lines in flight than the hardware prefetcher does
       for (int64_t line = 0; line < kSteps * kStepBytes; line += 64) {
         _mm_prefetch(reinterpret_cast<const char*>(wb + kPrefetchBytes + line), _MM_HINT_T0);
       }
@@ -632,6 +639,12 @@ torch::Tensor pack_official(const torch::Tensor& qweight) {
 namespace chatglm {
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                const torch::Tensor& positions);  // attention.cpp
+// pointwise.cpp
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
+torch::Tensor swiglu(const torch::Tensor& x);
+void rope_cache_write(const torch::Tensor& qkv, const torch::Tensor& positions, const torch::Tensor& rows,
+                      const torch::Tensor& rope, int64_t heads, const torch::Tensor& k_cache,
+                      const torch::Tensor& v_cache);
 }
 
 // Whether calls of many token rows take the AMX route; never where the build or the OS lacks AMX.
@@ -673,6 +686,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &chatglm::decode_attention,
         "out[B, H, D] = softmax(q k^T / sqrt(D)) v over cache slots 0..positions[b] (bfloat16 in and out)",
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("positions"),
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("rms_norm", &chatglm::rms_norm, "weight * x / sqrt(mean(x^2) + eps) per row (bfloat16 [N, C])",
+        pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("eps"),
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("swiglu", &chatglm::swiglu, "silu(x[:, :F]) * x[:, F:] for bfloat16 x [N, 2F]", pybind11::arg("x"),
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("rope_cache_write", &chatglm::rope_cache_write,
+        "rotate qkv's query and key heads in place, then write its keys and values into the caches",
+        pybind11::arg("qkv"), pybind11::arg("positions"), pybind11::arg("rows"), pybind11::arg("rope"),
+        pybind11::arg("heads"), pybind11::arg("k_cache"), pybind11::arg("v_cache"),
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("pack_official", &pack_official, "repack official int4 weights for int4_linear",
         pybind11::arg("qweight"), pybind11::call_guard<pybind11::gil_scoped_release>());

@@ -9,6 +9,10 @@ directory keyed by the source, the CPU flags, torch's version, the compiler and 
 processes only load it. Where there is no compiler, no ninja or neither instruction set, or the kernel
 is disabled, ``int4_linear`` computes the exact float32 reference ``x @ (q * scale).T`` instead; which
 of them runs is logged once.
+
+The same module holds the decode attention (attention.cpp) and the small per-token steps of a bfloat16
+forward (pointwise.cpp: RMSNorm, SwiGLU, RoPE with the cache write), which the model uses where the
+module is built (``ChatGLM2.use_native_ops``).
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("int4_native.cpp")
-SOURCES = (SOURCE, Path(__file__).with_name("attention.cpp"))  # one extension module
+_HERE = Path(__file__).parent
+SOURCES = tuple(_HERE / name for name in ("int4_native.cpp", "attention.cpp", "pointwise.cpp"))  # one module
+HEADERS = (_HERE / "vec.h",)  # not compiled on their own, but part of the build's key
 BLOCK = 32  # activation values per int8 scale; in_features is padded to a multiple (kBlock in C++)
 TILE_ROWS = 32  # output rows per packed tile (kTileRows in C++)
 # The kernel's paths, fastest first, with the /proc/cpuinfo flags each needs.
@@ -124,7 +129,7 @@ def cpu_flags() -> frozenset[str]:
 def build_dir(cache_dir: Path, compiler_version: str) -> Path:
     digest = hashlib.sha256()
     for part in (
-        *(source.read_bytes() for source in SOURCES),
+        *(source.read_bytes() for source in SOURCES + HEADERS),
         " ".join(sorted(cpu_flags())).encode(),
         torch.__version__.encode(),
         compiler_version.encode(),
@@ -346,6 +351,41 @@ def decode_attention(
         return None
     out: torch.Tensor = module.decode_attention(q.contiguous(), k, v, positions)
     return out
+
+
+def _required() -> Any:
+    module = _kernel()
+    if module is None:
+        raise RuntimeError(f"the native kernels are not in use: {backend_name()}")
+    return module
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of bfloat16 x [..., C] (C a multiple of 16) with a bfloat16 weight [C], in float32
+    (pointwise.cpp); for models whose ``use_native_ops`` is on."""
+    out: torch.Tensor = _required().rms_norm(x.reshape(-1, x.shape[-1]).contiguous(), weight, eps)
+    return out.view(x.shape)
+
+
+def swiglu(x: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of bfloat16 x [..., 2F] = (gate, up), F a multiple of 16 -> [..., F]."""
+    out: torch.Tensor = _required().swiglu(x.reshape(-1, x.shape[-1]).contiguous())
+    return out.view(*x.shape[:-1], x.shape[-1] // 2)
+
+
+def rope_cache_write(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    rows: torch.Tensor,
+    rope: torch.Tensor,
+    heads: int,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+) -> None:
+    """In place on contiguous bfloat16 qkv [N, (H + 2G) * D]: RoPE on each query and key head (``rope``
+    [T, P, 2] the (cos, sin) table), then token i's keys and values go to slot ``positions[i]`` of
+    cache row ``rows[i]`` (caches [R, G, T, D])."""
+    _required().rope_cache_write(qkv, positions, rows, rope, heads, k_cache, v_cache)
 
 
 def reference_linear(x: torch.Tensor, w: PackedInt4, bias: torch.Tensor | None = None) -> torch.Tensor:
