@@ -14,11 +14,15 @@ prefilled into its own row while other rows hold other requests.
 ``use_native_ops`` (bfloat16 on the CPU, with the compiled kernels) swaps the small per-token steps for
 one compiled call each: RMSNorm, SwiGLU, and RoPE with the cache write (kernels/pointwise.cpp), in
 float32 with one rounding per output instead of one per PyTorch op. float32 stays the exact reference.
+Where every linear is on the int4 kernel, a decode step (one token per row) then runs all the layers in
+one compiled call (kernels/decode_step.cpp) with the same kernels in the same order: the same bits,
+without the Python between them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +30,7 @@ from torch import nn
 
 from bot.model.config import ChatGLM2Config
 from bot.model.kernels import native
-from bot.model.quant import swap_linears_for_int4
+from bot.model.quant import Int4Linear, swap_linears_for_int4
 
 QUANTIZED_LINEARS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 ROPE_BASE = 10000.0
@@ -157,6 +161,13 @@ class Step:
     first_row: int
     rope: torch.Tensor
     cache_rows: torch.Tensor | None = None
+
+
+def _native_weight(layer: nn.Module) -> tuple[native.PackedInt4, torch.Tensor | None] | None:
+    """An int4 linear's weight and float32 bias as the compiled decode step takes them, or None."""
+    if isinstance(layer, Int4Linear) and layer.packed_native is not None and layer.terms == 1:
+        return layer.packed_native, layer.native_bias
+    return None
 
 
 class Attention(nn.Module):
@@ -292,6 +303,8 @@ class ChatGLM2(nn.Module):
         self.max_seq_len = 0
         self.rope = torch.empty(0, device="cpu")  # [T, R/2, 2], made by setup_caches
         self.native_ops = False
+        self.fused_decode = False
+        self._decode_step: Any = None  # native.make_decode_step's, for the current caches; False: none
 
     @property
     def device(self) -> torch.device:
@@ -312,11 +325,13 @@ class ChatGLM2(nn.Module):
             ).to(device)
         self.rope = rope_cache(max_seq_len, config.rotary_dim, dtype).to(device)
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
+        self._decode_step = None  # it holds the old caches
 
-    def use_native_ops(self, enabled: bool = True) -> bool:
+    def use_native_ops(self, enabled: bool = True, *, fused_decode: bool = True) -> bool:
         """Run RMSNorm, SwiGLU and RoPE with the cache write as compiled calls (kernels/pointwise.cpp);
         returns whether they now are: only for bfloat16 on the CPU, with the kernels built, and hidden and
-        MLP sizes that are multiples of 16."""
+        MLP sizes that are multiples of 16. ``fused_decode``: decode steps also run every layer in one
+        compiled call where the layers allow it (same results)."""
         config = self.config
         fits = (
             self.compute_dtype == torch.bfloat16
@@ -329,7 +344,37 @@ class ChatGLM2(nn.Module):
             if isinstance(module, RMSNorm | Attention | MLP):
                 module.native = on
         self.native_ops = on
+        self.fused_decode = on and fused_decode
+        self._decode_step = None
         return on
+
+    def _compiled_decode_step(self) -> Any:
+        """native.make_decode_step over the blocks (made once per set of caches), or None where a layer's
+        linears are not all on the int4 kernel."""
+        if self._decode_step is None:
+            layers = []
+            for block in self.blocks:
+                attention, mlp, cache = block.self_attention, block.mlp, block.self_attention.kv_cache
+                linears = (attention.query_key_value, attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
+                weights = [weight for weight in map(_native_weight, linears) if weight is not None]
+                if cache is None or len(weights) != len(linears):
+                    self._decode_step = False
+                    return None
+                layers.append(
+                    native.DecodeLayer(
+                        block.input_layernorm.weight,
+                        block.post_attention_layernorm.weight,
+                        cache.k_cache,
+                        cache.v_cache,
+                        tuple(weights),
+                    )
+                )
+            config = self.config
+            step = native.make_decode_step(
+                layers, self.rope, config.num_attention_heads, config.layernorm_epsilon
+            )
+            self._decode_step = False if step is None else step
+        return self._decode_step or None
 
     @property
     def blocks(self) -> list[Block]:
@@ -367,8 +412,12 @@ class ChatGLM2(nn.Module):
         else:  # [2, B, S, 1, R/2, 2], once for all layers
             step = Step(input_pos, mask, length, first_row, rope_factors(self.rope[input_pos]))
         x = self.transformer.embedding.word_embeddings(input_ids).to(dtype)  # [B, S, C]
-        for block in self.blocks:
-            x = block(x, step)
+        compiled = self._compiled_decode_step() if seq == 1 and self.fused_decode else None
+        if compiled is not None:
+            x = compiled.run(x.view(batch, -1), input_pos[:, 0].contiguous(), first_row).view(batch, 1, -1)
+        else:
+            for block in self.blocks:
+                x = block(x, step)
         if last_only:
             x = x[:, -1:]
         x = self.transformer.encoder.final_layernorm(x)

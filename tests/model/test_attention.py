@@ -83,6 +83,7 @@ def test_unsupported_shapes_fall_back_and_bad_positions_are_refused() -> None:
 def decode_logits(path: Path) -> torch.Tensor:
     """The tiny int4 model in bfloat16: a prompt, then 6 greedy decode steps; their logits."""
     model, _, _ = load_model(path, dtype="bfloat16", device="cpu")
+    model.use_native_ops(fused_decode=False)  # the layers' Python modules, which call decode_attention
     model.setup_caches(1, 256)
     ids = expected()["tokenizer"]["chat_prompts"][0]["input_ids"]
     steps = []

@@ -182,3 +182,52 @@ def test_native_ops_stay_off_for_float32() -> None:
     model = tiny_model(torch.float32)
     assert model.use_native_ops() is False
     assert not any(block.mlp.native or block.post_attention_layernorm.native for block in model.blocks)
+
+
+def batched_decode(model: ChatGLM2) -> torch.Tensor:
+    """Two prompts prefilled into cache rows 1 and 2, then 4 decode steps of both rows together."""
+    model.setup_caches(3, 64)
+    prompts = [[5, 17, 42, 99], [8, 9, 10, 11, 12, 13, 14]]
+    with torch.inference_mode():
+        for row, prompt in enumerate(prompts, start=1):
+            model(torch.tensor([prompt]), torch.arange(len(prompt)), first_row=row)
+        tokens = torch.tensor([[77], [78]])
+        positions = torch.tensor([[len(prompts[0])], [len(prompts[1])]])
+        steps = []
+        for _ in range(4):
+            logits = model(tokens, positions, first_row=1)[:, -1]
+            steps.append(logits)
+            tokens, positions = logits.argmax(dim=-1, keepdim=True), positions + 1
+    return torch.stack(steps)
+
+
+def test_compiled_decode_step_gives_the_modules_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_model(torch.bfloat16)
+    assert model.use_native_ops(fused_decode=False)
+    modules = batched_decode(model)
+    model.use_native_ops()
+    runs: list[int] = []
+    blocks_forward = type(model.blocks[0]).forward
+
+    def counted(*args: object) -> torch.Tensor:
+        runs.append(1)
+        return blocks_forward(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(type(model.blocks[0]), "forward", counted)
+    compiled = batched_decode(model)  # setup_caches inside: the step is rebuilt over the new caches
+    assert torch.equal(compiled, modules)
+    assert len(runs) == 2 * TINY.num_layers  # only the two prefills went through the modules
+
+
+def test_a_layer_off_the_int4_kernel_keeps_the_modules() -> None:
+    model = tiny_model(torch.bfloat16)
+    assert model.use_native_ops()
+    want = batched_decode(model)
+    model.blocks[1].mlp.dense_4h_to_h.packed_native = None  # as if this linear were on PyTorch's kernels
+    model.blocks[1].mlp.dense_4h_to_h.weight, model.blocks[1].mlp.dense_4h_to_h.weight_scale = quantize_int4(
+        randn(TINY.hidden_size, TINY.ffn_hidden_size, seed=1)
+    )
+    model.use_native_ops()
+    got = batched_decode(model)
+    assert model._compiled_decode_step() is None
+    assert got.shape == want.shape and not torch.equal(got, want)  # it ran, with the changed layer

@@ -30,6 +30,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "ops.h"
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
 #define INT4_AVX512_VNNI 1
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__)
@@ -541,6 +543,10 @@ void run(const Problem& p, const X* x, int64_t n, int64_t k, X* y, int64_t tiles
   });
 }
 
+}  // namespace
+
+namespace chatglm {
+
 torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& wscale,
                           int64_t out, const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous [N, in] tensor");
@@ -583,6 +589,10 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& packed, c
   }
   return y;
 }
+
+}  // namespace chatglm
+
+namespace {
 
 // Zeroed memory for packed weights on 2 MiB-aligned transparent huge pages where the kernel allows them
 // (THP "madvise" mode is common): a decode streams every weight once, and 4 KiB pages cost it ~10-15%.
@@ -636,16 +646,6 @@ torch::Tensor pack_official(const torch::Tensor& qweight) {
 
 }  // namespace
 
-namespace chatglm {
-torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                               const torch::Tensor& positions);  // attention.cpp
-// pointwise.cpp
-torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
-torch::Tensor swiglu(const torch::Tensor& x);
-void rope_cache_write(const torch::Tensor& qkv, const torch::Tensor& positions, const torch::Tensor& rows,
-                      const torch::Tensor& rope, int64_t heads, const torch::Tensor& k_cache,
-                      const torch::Tensor& v_cache);
-}
 
 // Whether calls of many token rows take the AMX route; never where the build or the OS lacks AMX.
 bool set_amx(bool enabled) {
@@ -678,7 +678,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_amx", &set_amx, "let calls of many token rows use AMX where available; returns whether they do",
         pybind11::arg("enabled"));
   m.def("amx_enabled", &amx_enabled, "whether calls of many token rows use AMX");
-  m.def("int4_linear", &int4_linear, "y[N, out] = x[N, in] @ W.T (+ bias), int4 W x int8 x",
+  m.def("int4_linear", &chatglm::int4_linear, "y[N, out] = x[N, in] @ W.T (+ bias), int4 W x int8 x",
         pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("scale"), pybind11::arg("out_features"),
         pybind11::arg("bias") = pybind11::none(),
         // The event loop shares this process: let it run while the matmul does.
@@ -697,6 +697,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("qkv"), pybind11::arg("positions"), pybind11::arg("rows"), pybind11::arg("rope"),
         pybind11::arg("heads"), pybind11::arg("k_cache"), pybind11::arg("v_cache"),
         pybind11::call_guard<pybind11::gil_scoped_release>());
+  chatglm::bind_decode_step(m);
   m.def("pack_official", &pack_official, "repack official int4 weights for int4_linear",
         pybind11::arg("qweight"), pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -35,8 +35,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 _HERE = Path(__file__).parent
-SOURCES = tuple(_HERE / name for name in ("int4_native.cpp", "attention.cpp", "pointwise.cpp"))  # one module
-HEADERS = (_HERE / "vec.h",)  # not compiled on their own, but part of the build's key
+SOURCES = tuple(_HERE / f"{name}.cpp" for name in ("int4_native", "attention", "pointwise", "decode_step"))
+HEADERS = (_HERE / "ops.h", _HERE / "vec.h")  # not compiled on their own, but part of the build's key
 BLOCK = 32  # activation values per int8 scale; in_features is padded to a multiple (kBlock in C++)
 TILE_ROWS = 32  # output rows per packed tile (kTileRows in C++)
 # The kernel's paths, fastest first, with the /proc/cpuinfo flags each needs.
@@ -386,6 +386,43 @@ def rope_cache_write(
     [T, P, 2] the (cos, sin) table), then token i's keys and values go to slot ``positions[i]`` of
     cache row ``rows[i]`` (caches [R, G, T, D])."""
     _required().rope_cache_write(qkv, positions, rows, rope, heads, k_cache, v_cache)
+
+
+@dataclass(frozen=True, eq=False)
+class DecodeLayer:
+    """One transformer layer's tensors for ``make_decode_step``: bfloat16 norm weights, the layer's
+    caches [R, G, T, D], and its qkv, dense, h_to_4h and 4h_to_h weights with their float32 biases."""
+
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    linears: tuple[tuple[PackedInt4, torch.Tensor | None], ...]
+
+
+def make_decode_step(layers: list[DecodeLayer], rope: torch.Tensor, heads: int, eps: float) -> Any:
+    """The compiled decode step over ``layers`` (decode_step.cpp), or None where the kernels are not in
+    use or decode attention does not take the shapes. Its ``run(x [B, C], positions [B], first_row)``
+    gives what the layers' modules give with native ops, bit for bit, in one call."""
+    module = _kernel()
+    if module is None or not layers:
+        return None
+    groups, dim = layers[0].k_cache.shape[1], layers[0].k_cache.shape[3]
+    if dim % ATTENTION_DIM_MULTIPLE or heads % groups or heads // groups > ATTENTION_MAX_HEADS_PER_GROUP:
+        return None
+    empty = torch.empty(0)
+    tensors, outs = [], []
+    for layer in layers:
+        if len(layer.linears) != 4:
+            raise ValueError(
+                f"a layer has 4 linears (qkv, dense, h_to_4h, 4h_to_h), got {len(layer.linears)}"
+            )
+        flat = [layer.input_norm, layer.post_norm, layer.k_cache, layer.v_cache]
+        for weight, bias in layer.linears:
+            flat += [weight.packed, weight.scale, empty if bias is None else bias]
+        tensors.append(flat)
+        outs.append([weight.out_features for weight, _ in layer.linears])
+    return module.DecodeStep(tensors, outs, rope, heads, eps)
 
 
 def reference_linear(x: torch.Tensor, w: PackedInt4, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "ops.h"
 #include "vec.h"
 
 namespace chatglm {
