@@ -380,6 +380,19 @@ class ChatGLM2(nn.Module):
     def blocks(self) -> list[Block]:
         return [layer for layer in self.transformer.encoder.layers if isinstance(layer, Block)]
 
+    def _step(self, input_pos: torch.Tensor, length: int, first_row: int) -> Step:
+        """The layers' shared inputs for tokens at ``input_pos`` [B, S] that see ``length`` slots."""
+        batch, seq = input_pos.shape
+        mask = None  # one row, one token at the newest position: it sees every slot 0..last
+        if batch > 1 or seq > 1:
+            slots = torch.arange(length, device=input_pos.device)
+            mask = (slots[None, None, :] <= input_pos[:, :, None])[:, None]  # [B, 1, S, T]
+        if self.native_ops:
+            rows = torch.arange(first_row, first_row + batch).repeat_interleave(seq)  # [B * S]
+            return Step(input_pos, mask, length, first_row, self.rope, rows)
+        # [2, B, S, 1, R/2, 2], once for all layers
+        return Step(input_pos, mask, length, first_row, rope_factors(self.rope[input_pos]))
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -400,22 +413,12 @@ class ChatGLM2(nn.Module):
                 f"rows {first_row}..{first_row + batch - 1} / position {last} exceed the caches "
                 f"({self.max_batch} x {self.max_seq_len}); call setup_caches() with larger sizes"
             )
-        dtype = self.rope.dtype
-        length = last + 1
-        mask = None  # one row, one token at the newest position: it sees every slot 0..last
-        if batch > 1 or seq > 1:
-            slots = torch.arange(length, device=input_ids.device)
-            mask = (slots[None, None, :] <= input_pos[:, :, None])[:, None]  # [B, 1, S, T]
-        if self.native_ops:
-            rows = torch.arange(first_row, first_row + batch).repeat_interleave(seq)  # [B * S]
-            step = Step(input_pos, mask, length, first_row, self.rope, rows)
-        else:  # [2, B, S, 1, R/2, 2], once for all layers
-            step = Step(input_pos, mask, length, first_row, rope_factors(self.rope[input_pos]))
-        x = self.transformer.embedding.word_embeddings(input_ids).to(dtype)  # [B, S, C]
+        x = self.transformer.embedding.word_embeddings(input_ids).to(self.rope.dtype)  # [B, S, C]
         compiled = self._compiled_decode_step() if seq == 1 and self.fused_decode else None
-        if compiled is not None:
+        if compiled is not None:  # every layer in one call
             x = compiled.run(x.view(batch, -1), input_pos[:, 0].contiguous(), first_row).view(batch, 1, -1)
         else:
+            step = self._step(input_pos, last + 1, first_row)
             for block in self.blocks:
                 x = block(x, step)
         if last_only:
