@@ -46,7 +46,7 @@ class GenerationOutput:
 
 def guard_invalid_scores(logits: torch.Tensor) -> torch.Tensor:
     """The official InvalidScoreLogitsProcessor: NaN/inf anywhere -> force token 5."""
-    if torch.isnan(logits).any() or torch.isinf(logits).any():
+    if not bool(torch.isfinite(logits).all()):
         logits = torch.zeros_like(logits)
         logits[..., INVALID_SCORE_TOKEN] = 5e4
     return logits
@@ -65,19 +65,47 @@ def sample(
     """logits [B, V] (already guarded and masked) -> ids [B]; greedy when temperature == 0."""
     if params.temperature <= 0:
         return logits.argmax(dim=-1)
-    from transformers.generation.logits_process import (  # imported late: ~2 s, only when sampling
-        TemperatureLogitsWarper,
+    scores = logits / params.temperature  # transformers' TemperatureLogitsWarper
+    kept = top_k_probs(scores, params)
+    if kept is not None:
+        # The exponential race torch.multinomial runs for one sample (argmax p / E, E ~ Exp(1)), with one
+        # draw per id of the whole row as it makes them: a tiny change in the scores that reorders ties
+        # or moves the top-k boundary then changes no other id's draw.
+        probs, ids = kept
+        race = torch.empty_like(scores).exponential_(generator=generator).gather(-1, ids)
+        return ids.gather(-1, (probs / race).argmax(dim=-1, keepdim=True)).squeeze(-1)
+    from transformers.generation.logits_process import (  # imported late: ~2 s, only when needed
         TopKLogitsWarper,
         TopPLogitsWarper,
     )
 
-    scores = TemperatureLogitsWarper(params.temperature)(None, logits)
     if params.top_k > 0:
         scores = TopKLogitsWarper(params.top_k)(None, scores)
     if params.top_p < 1.0:
         scores = TopPLogitsWarper(params.top_p)(None, scores)
     probs = torch.softmax(scores, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def top_k_probs(scores: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """What transformers' top-k then top-p warpers and a softmax give, on the best scores only:
+    (probabilities [B, n], their ids [B, n]). The other ids are -inf after top-k, so they change neither
+    top-p's cumulative sums nor the softmax. ~0.5 ms per 65,024-id row instead of ~5 ms (top-p sorted
+    the whole row). None without a top-k below the row's size: the caller then runs the warpers."""
+    if not 0 < params.top_k < scores.shape[-1]:
+        return None
+    values, ids = scores.topk(params.top_k, dim=-1)  # [B, k], best first
+    kth = values[:, -1:]
+    tied = int((scores >= kth).sum(dim=-1).max())
+    if tied > params.top_k:  # top-k keeps every id tied with the k-th score (common in bfloat16)
+        values, ids = scores.topk(tied, dim=-1)
+        values = values.masked_fill(values < kth, -float("inf"))
+    if params.top_p < 1.0:  # as TopPLogitsWarper: drop the low end whose total is <= 1 - top_p
+        ascending = values.flip(-1)
+        drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - params.top_p
+        drop[:, -1] = False  # min_tokens_to_keep = 1
+        values = ascending.masked_fill(drop, -float("inf")).flip(-1)
+    return torch.softmax(values, dim=-1), ids
 
 
 def next_token(

@@ -15,6 +15,7 @@ from bot.model.generate import (
     mask_non_tokens,
     next_token,
     sample,
+    top_k_probs,
 )
 from bot.model.loader import load_model
 from bot.model.model import ChatGLM2
@@ -138,3 +139,48 @@ def test_top_k_and_top_p_restrict_the_choice() -> None:
 def test_bad_sampling_params(kwargs: dict[str, float], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         SamplingParams(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_p", "top_k"), [(0.8, 0.8, 50), (1.0, 1.0, 50), (0.5, 0.3, 7), (1.3, 0.95, 300)]
+)
+def test_top_k_shortcut_gives_the_warpers_distribution(temperature: float, top_p: float, top_k: int) -> None:
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
+    scores = torch.randn(3, 65024, generator=torch.Generator().manual_seed(top_k)) * 3 / temperature
+    warped = TopKLogitsWarper(top_k)(None, scores)
+    if top_p < 1.0:
+        warped = TopPLogitsWarper(top_p)(None, warped)
+    want = torch.softmax(warped, dim=-1)
+    kept = top_k_probs(scores, params)
+    assert kept is not None
+    probs, ids = kept
+    got = torch.zeros_like(want).scatter_(-1, ids, probs)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert (want > 0).sum() >= 1 and ((got > 0) == (want > 0)).all()
+
+
+def test_top_k_shortcut_keeps_ties_at_the_kth_score_as_top_k_does() -> None:
+    scores = torch.tensor([[3.0, 2.0, 2.0, 1.0], [3.0, 2.5, 2.0, 1.0]])  # row 0: top-2 keeps three ids
+    kept = top_k_probs(scores, SamplingParams(temperature=1.0, top_p=1.0, top_k=2))
+    assert kept is not None
+    got = torch.zeros_like(scores).scatter_(-1, kept[1], kept[0])
+    want = torch.softmax(torch.tensor([[3.0, 2.0, 2.0, -1e9], [3.0, 2.5, -1e9, -1e9]]), dim=-1)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert top_k_probs(scores, SamplingParams(top_k=0)) is None  # no top-k: the warpers' path
+    gen = torch.Generator().manual_seed(0)
+    tie = {
+        int(sample(scores[:1], SamplingParams(temperature=1.0, top_p=1.0, top_k=2), gen)) for _ in range(300)
+    }
+    assert tie == {0, 1, 2}
+
+
+def test_sampling_draws_with_the_kept_probabilities() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0] + [-5.0] * 60])
+    gen = torch.Generator().manual_seed(0)
+    params = SamplingParams(temperature=1.0, top_p=1.0, top_k=2)
+    draws = torch.stack([sample(logits, params, gen) for _ in range(4000)])
+    share = float((draws == 0).float().mean())
+    assert set(draws.tolist()) == {0, 1}
+    assert abs(share - 0.7311) < 0.03  # e^2 / (e^2 + e^1)
