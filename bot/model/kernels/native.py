@@ -336,6 +336,12 @@ def int4_linear(x: torch.Tensor, w: PackedInt4, bias: torch.Tensor | None = None
     return y.view(*x.shape[:-1], w.out_features)
 
 
+def _attention_fits(heads: int, groups: int, dim: int) -> bool:
+    """Whether attention.cpp takes these shapes (it checks them again and raises otherwise)."""
+    per_group_fits = heads % groups == 0 and heads // groups <= ATTENTION_MAX_HEADS_PER_GROUP
+    return dim % ATTENTION_DIM_MULTIPLE == 0 and per_group_fits
+
+
 def decode_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
 ) -> torch.Tensor | None:
@@ -344,7 +350,7 @@ def decode_attention(
     the compiled kernel is not in use or does not take the shapes (D a multiple of 16, at most 16
     query heads per group): the caller then runs PyTorch's path."""
     heads, dim, groups = q.shape[1], q.shape[2], k.shape[1]
-    if dim % ATTENTION_DIM_MULTIPLE or heads % groups or heads // groups > ATTENTION_MAX_HEADS_PER_GROUP:
+    if not _attention_fits(heads, groups, dim):
         return None
     module = _kernel()
     if module is None:
@@ -407,8 +413,7 @@ def make_decode_step(layers: list[DecodeLayer], rope: torch.Tensor, heads: int, 
     module = _kernel()
     if module is None or not layers:
         return None
-    groups, dim = layers[0].k_cache.shape[1], layers[0].k_cache.shape[3]
-    if dim % ATTENTION_DIM_MULTIPLE or heads % groups or heads // groups > ATTENTION_MAX_HEADS_PER_GROUP:
+    if not _attention_fits(heads, layers[0].k_cache.shape[1], layers[0].k_cache.shape[3]):
         return None
     empty = torch.empty(0)
     tensors, outs = [], []
