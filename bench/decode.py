@@ -16,7 +16,9 @@ under ``--memory-conversations`` one-turn conversations. Its JSON is under ``"ch
 
 Peers (unless ``--no-peers``): where ``llama-cpp-python`` and ``gguf`` are installed, llama.cpp runs
 the same prompt on a q4_0 GGUF of the same shapes (bench/peers.py) with the same threads and repeats,
-and ``ratio_to_llama_cpp`` gives this engine's decode and prefill over llama.cpp's.
+and ``ratio_to_llama_cpp`` gives this engine's decode and prefill over llama.cpp's; where
+``chatglm-cpp`` is installed, chatglm.cpp does the same on a q4_0 file in its own format
+(``ratio_to_chatglm_cpp``).
 
     python bench/decode.py [--model DIR] [--threads 0] [--dtype auto] [--int4-kernel auto]
                            [--prompt-tokens 512] [--new-tokens 128] [--repeats 3] [--no-chat]
@@ -65,23 +67,24 @@ CONCURRENCY_TARGET = 4.0  # aggregate tokens/s of 8 conversations / of 1
 
 
 def run_peers(args: argparse.Namespace, prompt: list[int], threads: int) -> dict[str, Any]:
-    """Each peer's numbers on the same shapes, prompt, thread count and repeats, or why it did not run.
-    Neither peer publishes a binary wheel for this platform on PyPI: ``pip install llama-cpp-python
-    gguf`` builds llama.cpp from source (~20 min on 2 cores), after which it runs here through a GGUF
-    that bench/peers.py writes (random q4_0 weights of the checkpoint's shapes)."""
+    """Each peer's numbers on the same shapes, prompt and repeats, or why it did not run. Neither
+    peer publishes a binary wheel for this platform on PyPI: ``pip install llama-cpp-python gguf``
+    and ``pip install chatglm-cpp`` build them from source, after which they run here on files that
+    bench/peers.py writes (random q4_0 weights of the checkpoint's shapes). llama.cpp gets this run's
+    thread count; chatglm.cpp has no thread setting and uses all cores up to 4."""
     installed = peers.available()
-    report: dict[str, Any] = {
-        "chatglm-cpp": "installed, not run (its converter needs the official remote code)"
-        if installed["chatglm-cpp"]
-        else "not installed (no PyPI wheel here)",
-    }
-    if not installed["llama-cpp-python"] or not args.peers:
-        report["llama-cpp-python"] = (
-            "not installed (no PyPI wheel here)" if args.peers else "skipped (--no-peers)"
-        )
-        return report
-    path = peers.make_gguf(args.model, args.model.parent / f"{args.model.name}-q4_0.gguf")
-    report["llama-cpp-python"] = peers.run_llama_cpp(path, prompt, args.new_tokens, threads, args.repeats)
+    report: dict[str, Any] = {}
+    for name, install in (("llama-cpp-python", "llama-cpp-python gguf"), ("chatglm-cpp", "chatglm-cpp")):
+        if not args.peers:
+            report[name] = "skipped (--no-peers)"
+        elif not installed[name]:
+            report[name] = f"not installed (pip install {install})"
+    if "llama-cpp-python" not in report:
+        path = peers.make_gguf(args.model, args.model.parent / f"{args.model.name}-q4_0.gguf")
+        report["llama-cpp-python"] = peers.run_llama_cpp(path, prompt, args.new_tokens, threads, args.repeats)
+    if "chatglm-cpp" not in report:
+        path = peers.make_chatglm_ggml(args.model, args.model.parent / f"{args.model.name}-q4_0.chatglm.bin")
+        report["chatglm-cpp"] = peers.run_chatglm_cpp(path, prompt, args.new_tokens, args.repeats)
     return report
 
 
@@ -151,7 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         help="TTFT and concurrency (bench/chat.py)",
     )
     parser.add_argument(
-        "--peers", action=argparse.BooleanOptionalAction, default=True, help="llama.cpp where installed"
+        "--peers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="llama.cpp and chatglm.cpp where installed",
     )
     chat.add_arguments(parser, memory_conversations=50)
     args = parser.parse_args(argv)
@@ -217,12 +223,13 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_before": [round(v, 2) for v in load_before],
         "other_processes_cores": round(other_cores, 2),  # CPU other processes used during the run
     }
-    llama = report["peers"]["llama-cpp-python"]
-    if isinstance(llama, dict):
-        report["ratio_to_llama_cpp"] = {
-            "decode": round(best_decode / llama["decode_tokens_per_s"], 3),
-            "prefill": round(best_prefill / llama["prefill_tokens_per_s"], 3),
-        }
+    for name, key in (("llama-cpp-python", "ratio_to_llama_cpp"), ("chatglm-cpp", "ratio_to_chatglm_cpp")):
+        peer = report["peers"][name]
+        if isinstance(peer, dict):
+            report[key] = {
+                "decode": round(best_decode / peer["decode_tokens_per_s"], 3),
+                "prefill": round(best_prefill / peer["prefill_tokens_per_s"], 3),
+            }
     if args.chat:
         del model
         gc.collect()
