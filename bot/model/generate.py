@@ -70,10 +70,13 @@ def sample(
     if kept is not None:
         # The exponential race torch.multinomial runs for one sample (argmax p / E, E ~ Exp(1)), with one
         # draw per id of the whole row as it makes them: a tiny change in the scores that reorders ties
-        # or moves the top-k boundary then changes no other id's draw.
+        # or moves the top-k boundary then changes no other id's draw. The draws are float64 uniforms
+        # (~0.2 ms per 65,024-id row; exponential_ takes ~1 ms), made exponential for the kept ids only.
         probs, ids = kept
-        race = torch.empty_like(scores).exponential_(generator=generator).gather(-1, ids)
-        return ids.gather(-1, (probs / race).argmax(dim=-1, keepdim=True)).squeeze(-1)
+        uniform = torch.empty(scores.shape, dtype=torch.float64, device=scores.device)
+        race = uniform.uniform_(generator=generator).gather(-1, ids).neg_().log1p_().neg_()  # [B, n], E >= 0
+        race.clamp_min_(torch.finfo(torch.float64).tiny)  # u == 0 gives E == 0: p / 0 would be NaN at p == 0
+        return ids.gather(-1, (probs.double() / race).argmax(dim=-1, keepdim=True)).squeeze(-1)
     from transformers.generation.logits_process import (  # imported late: ~2 s, only when needed
         TopKLogitsWarper,
         TopPLogitsWarper,
