@@ -223,6 +223,24 @@ def test_the_amx_route_gives_the_same_bits_as_vnni_and_as_one_row_at_a_time(
         assert torch.equal(with_amx, alone), tokens
 
 
+@pytest.mark.usefixtures("kernel")
+@pytest.mark.parametrize(("out", "in_features"), [(37, 72), (64, 4096), (48, 13696)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_batch_size_gives_each_row_the_bits_it_gets_alone(
+    out: int, in_features: int, dtype: torch.dtype
+) -> None:
+    """Batched decoding relies on it: 5-8 rows take turns over the weights chunk by chunk, other
+    counts go group by group, and a row's output must not depend on which (odd block counts too)."""
+    qweight, scale = official(out, in_features, seed=6)
+    packed = native.PackedInt4.from_official(qweight, scale)
+    bias = torch.randn(out, generator=torch.Generator().manual_seed(7))
+    x = (torch.randn(12, in_features, generator=torch.Generator().manual_seed(8)) * 2).to(dtype)
+    x[5, 3] = 300.0  # an outlier in the second token group
+    alone = torch.cat([native.int4_linear(x[i : i + 1], packed, bias) for i in range(12)])
+    for tokens in range(2, 13):
+        assert torch.equal(native.int4_linear(x[:tokens], packed, bias), alone[:tokens]), tokens
+
+
 def test_packing_round_trips_exactly() -> None:
     qweight, scale = official(70, 300)
     packed = native.PackedInt4.from_official(qweight, scale)
