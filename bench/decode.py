@@ -69,16 +69,20 @@ CONCURRENCY_TARGET = 4.0  # aggregate tokens/s of 8 conversations / of 1
 def run_peers(args: argparse.Namespace, prompt: list[int], threads: int) -> dict[str, Any]:
     """Each peer's numbers on the same shapes, prompt and repeats, or why it did not run. Neither
     peer publishes a binary wheel for this platform on PyPI: ``pip install llama-cpp-python gguf``
-    and ``pip install chatglm-cpp`` build them from source, after which they run here on files that
+    and ``CMAKE_POLICY_VERSION_MINIMUM=3.5 pip install chatglm-cpp`` (its bundled libraries predate
+    CMake 4) build them from source, after which they run here on files that
     bench/peers.py writes (random q4_0 weights of the checkpoint's shapes). llama.cpp gets this run's
     thread count; chatglm.cpp has no thread setting and uses all cores up to 4."""
     installed = peers.available()
     report: dict[str, Any] = {}
-    for name, install in (("llama-cpp-python", "llama-cpp-python gguf"), ("chatglm-cpp", "chatglm-cpp")):
+    for name, install in (
+        ("llama-cpp-python", "pip install llama-cpp-python gguf"),
+        ("chatglm-cpp", "CMAKE_POLICY_VERSION_MINIMUM=3.5 pip install chatglm-cpp"),
+    ):
         if not args.peers:
             report[name] = "skipped (--no-peers)"
         elif not installed[name]:
-            report[name] = f"not installed (pip install {install})"
+            report[name] = f"not installed ({install})"
     if "llama-cpp-python" not in report:
         path = peers.make_gguf(args.model, args.model.parent / f"{args.model.name}-q4_0.gguf")
         report["llama-cpp-python"] = peers.run_llama_cpp(path, prompt, args.new_tokens, threads, args.repeats)

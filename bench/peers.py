@@ -6,8 +6,9 @@ shapes and hyperparameters of the checkpoint's config.json, the vocabulary of it
 random q4_0 weights (llama.cpp's own format; it repacks q4_0 for its AVX2 / AVX512 kernels at load),
 which cost exactly what real ones cost.
 
-chatglm.cpp (through ``chatglm-cpp``, which PyPI ships only as source: ``pip install chatglm-cpp``
-builds it) loads its own GGML file. Its converter needs the official remote code as well, so
+chatglm.cpp (through ``chatglm-cpp``, which PyPI ships only as source:
+``CMAKE_POLICY_VERSION_MINIMUM=3.5 pip install chatglm-cpp`` builds it; its bundled libraries predate
+CMake 4) loads its own GGML file. Its converter needs the official remote code as well, so
 ``make_chatglm_ggml`` writes that file the way the converter does (``chatglm_cpp/convert.py`` of
 0.4.2: magic, model type, a version-2 config record, the tokenizer's sentencepiece proto, then each
 tensor's name, shape, type and 16-byte-aligned data), again with random q4_0 weights.
@@ -285,7 +286,7 @@ def run_chatglm_cpp(ggml_path: Path, prompt: list[int], new_tokens: int, repeats
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="llama.cpp's (chatglm.cpp picks its own)")
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)

@@ -204,9 +204,9 @@ void run_tile(const Problem& p, int64_t tile, int64_t t0, Out* y) {
   store_tile(p, tile, t0, T, y, [&](int64_t t, int g) { return acc[t][g]; });
 }
 
-// Blocks per step of run_pair: the prefetch distance, so one chunk's weights arrive while both
-// token groups compute on the previous one.
-constexpr int64_t kPairChunk = 2;  // measured: 1 and 2 blocks alike, 4 and 8 slower (8 rows, Xeon)
+// Blocks per turn in run_pair (1 KB of a tile's weights): measured with 8 rows on a Xeon, 1 and 2
+// blocks alike, 4 and 8 slower.
+constexpr int64_t kPairChunk = 2;
 
 // kMaxTokens + R token rows (a batched decode step of 5-8 rows) over one weight tile: the two token
 // groups take turns chunk by chunk, so the second group's work overlaps the first group's memory
