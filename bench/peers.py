@@ -216,6 +216,17 @@ def _add_vocab(writer: Any, sp: Any, vocab: int) -> None:
     writer.add_eos_token_id(sp.eos_id())
 
 
+def _summary(load_s: float, prefill: list[float], decode: list[float]) -> dict[str, float]:
+    """A peer's load time and best and median tokens/s over the repeats."""
+    return {
+        "load_s": round(load_s, 2),
+        "prefill_tokens_per_s": round(max(prefill), 2),
+        "prefill_tokens_per_s_median": round(float(np.median(prefill)), 2),
+        "decode_tokens_per_s": round(max(decode), 2),
+        "decode_tokens_per_s_median": round(float(np.median(decode)), 2),
+    }
+
+
 def run_llama_cpp(
     gguf_path: Path, prompt: list[int], new_tokens: int, threads: int, repeats: int
 ) -> dict[str, float]:
@@ -244,13 +255,7 @@ def run_llama_cpp(
             llm.eval([prompt[step % len(prompt)]])
         decode.append(new_tokens / (time.perf_counter() - started))
     llm.close()
-    return {
-        "load_s": round(load_s, 2),
-        "prefill_tokens_per_s": round(max(prefill), 2),
-        "prefill_tokens_per_s_median": round(float(np.median(prefill)), 2),
-        "decode_tokens_per_s": round(max(decode), 2),
-        "decode_tokens_per_s_median": round(float(np.median(decode)), 2),
-    }
+    return _summary(load_s, prefill, decode)
 
 
 def run_chatglm_cpp(ggml_path: Path, prompt: list[int], new_tokens: int, repeats: int) -> dict[str, float]:
@@ -274,13 +279,7 @@ def run_chatglm_cpp(ggml_path: Path, prompt: list[int], new_tokens: int, repeats
             ids.append(pipeline.model.generate_next_token(ids, None, greedy, len(ids) - 1, len(prompt)))
         decode.append(new_tokens / (time.perf_counter() - started))
     del pipeline
-    return {
-        "load_s": round(load_s, 2),
-        "prefill_tokens_per_s": round(max(prefill), 2),
-        "prefill_tokens_per_s_median": round(float(np.median(prefill)), 2),
-        "decode_tokens_per_s": round(max(decode), 2),
-        "decode_tokens_per_s_median": round(float(np.median(decode)), 2),
-    }
+    return _summary(load_s, prefill, decode)
 
 
 def main(argv: list[str] | None = None) -> int:

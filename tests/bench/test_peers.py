@@ -116,3 +116,12 @@ def test_chatglm_cpp_runs_the_file(tmp_path: Path) -> None:
     path = peers.make_chatglm_ggml(tiny_dir("int4"), tmp_path / "tiny.chatglm.bin")
     report = peers.run_chatglm_cpp(path, list(range(3, 25)), new_tokens=4, repeats=1)  # ids < vocab
     assert report["prefill_tokens_per_s"] > 0 and report["decode_tokens_per_s"] > 0
+
+
+def test_llama_cpp_runs_the_gguf(tmp_path: Path) -> None:
+    """Where llama-cpp-python is built (not part of the dev install), it loads the GGUF and the bench
+    measures it."""
+    pytest.importorskip("llama_cpp")
+    path = peers.make_gguf(tiny_dir("int4"), tmp_path / "tiny.gguf")
+    report = peers.run_llama_cpp(path, list(range(3, 25)), new_tokens=4, threads=1, repeats=1)
+    assert report["prefill_tokens_per_s"] > 0 and report["decode_tokens_per_s"] > 0
