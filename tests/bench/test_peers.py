@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -14,12 +15,18 @@ from bench import peers
 from tests.model.fixture import tiny_dir
 
 
-def test_gguf_of_the_checkpoint_shapes(tmp_path: Path) -> None:
-    path = peers.make_gguf(tiny_dir("int4"), tmp_path / "tiny.gguf")
-    assert path.exists() and not path.with_suffix(".partial").exists()
+def tiny_shapes() -> tuple[dict[str, Any], int, int, int, int]:
+    """The tiny checkpoint's config and its hidden, ffn, vocabulary and qkv widths."""
     config = json.loads((tiny_dir("int4") / "config.json").read_text())
     hidden, ffn, vocab = config["hidden_size"], config["ffn_hidden_size"], config["padded_vocab_size"]
     qkv = hidden + 2 * config["multi_query_group_num"] * hidden // config["num_attention_heads"]
+    return config, hidden, ffn, vocab, qkv
+
+
+def test_gguf_of_the_checkpoint_shapes(tmp_path: Path) -> None:
+    path = peers.make_gguf(tiny_dir("int4"), tmp_path / "tiny.gguf")
+    assert path.exists() and not path.with_suffix(".partial").exists()
+    config, hidden, ffn, vocab, qkv = tiny_shapes()
     reader = gguf.GGUFReader(path)
     field = reader.fields["general.architecture"]
     assert bytes(field.parts[field.data[0]]).decode() == "chatglm"
@@ -78,9 +85,7 @@ def read_chatglm_ggml(
 def test_chatglm_ggml_of_the_checkpoint_shapes(tmp_path: Path) -> None:
     path = peers.make_chatglm_ggml(tiny_dir("int4"), tmp_path / "tiny.chatglm.bin")
     assert path.exists() and not path.with_suffix(".partial").exists()
-    config = json.loads((tiny_dir("int4") / "config.json").read_text())
-    hidden, ffn, vocab = config["hidden_size"], config["ffn_hidden_size"], config["padded_vocab_size"]
-    qkv = hidden + 2 * config["multi_query_group_num"] * hidden // config["num_attention_heads"]
+    config, hidden, ffn, vocab, qkv = tiny_shapes()
     model_type, record, proto, tensors = read_chatglm_ggml(path)
     assert model_type == 2  # ModelType::CHATGLM2
     assert record[:8] == (2, peers.GGML_Q4_0, vocab, hidden, 4, 2, config["num_layers"], ffn)

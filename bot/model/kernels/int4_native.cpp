@@ -29,6 +29,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "ops.h"
 
@@ -531,28 +532,15 @@ void parallel_chunks(int64_t items, bool long_call, const Work& work) {
   }
 }
 
-#ifdef INT4_AVX512_VNNI
-// run_pair<rest> for 1 <= rest <= R.
-template <int R, typename Out>
-void run_pair_rest(const Problem& p, int64_t tile, int64_t rest, Out* y) {
-  if constexpr (R > 0) {
-    if (rest == R) {
-      run_pair<R>(p, tile, y);
-    } else {
-      run_pair_rest<R - 1>(p, tile, rest, y);
-    }
-  }
-}
-#endif
-
-// run_tile<rest> for 0 <= rest <= T.
-template <int T, typename Out>
-void run_rest(const Problem& p, int64_t tile, int64_t t0, int64_t rest, Out* y) {
+// f(std::integral_constant<int, rest>{}) for 1 <= rest <= T (nothing for rest 0): a run-time token
+// count as the compile-time one the tile functions take.
+template <int T, typename F>
+void with_count(int64_t rest, const F& f) {
   if constexpr (T > 0) {
     if (rest == T) {
-      run_tile<T>(p, tile, t0, y);
+      f(std::integral_constant<int, T>{});
     } else {
-      run_rest<T - 1>(p, tile, t0, rest, y);
+      with_count<T - 1>(rest, f);
     }
   }
 }
@@ -585,13 +573,13 @@ void run(const Problem& p, const X* x, int64_t n, int64_t k, X* y, int64_t tiles
       // L1/L2, so a prefill reads the weights from memory once.
 #ifdef INT4_AVX512_VNNI
       if (n > kMaxTokens && n <= 2 * kMaxTokens) {
-        run_pair_rest<kMaxTokens>(p, tile, n - kMaxTokens, y);
+        with_count<kMaxTokens>(n - kMaxTokens, [&](auto rest) { run_pair<decltype(rest)::value>(p, tile, y); });
         continue;
       }
 #endif
       int64_t t0 = 0;
       for (; t0 + kMaxTokens <= n; t0 += kMaxTokens) run_tile<kMaxTokens>(p, tile, t0, y);
-      run_rest<kMaxTokens - 1>(p, tile, t0, n - t0, y);
+      with_count<kMaxTokens - 1>(n - t0, [&](auto rest) { run_tile<decltype(rest)::value>(p, tile, t0, y); });
     }
   });
 }
