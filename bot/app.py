@@ -83,14 +83,18 @@ async def run(settings: Settings, *, console: Adapter | None = None) -> None:
     )
     adapters: list[Adapter] = []
     runner: web.AppRunner | None = None
+    loaded = False
     try:
-        log.info("loading the model from %s", settings.model_path)
-        await service.start()
-        bot = Bot(settings, storage, service)
-        http_app = http.create_app(lambda: _health(service))
+        # The HTTP server comes up before the model loads (which can take minutes): /healthz
+        # answers 503 "starting", /metrics works, and Slack's events get 503 until the bot is ready.
+        http_app = http.create_app(lambda: _health(service, loaded))
         adapters = [console] if console is not None else platform_adapters(settings, http_app)
         if console is None:
             runner = await http.start_server(http_app, settings.http_host, settings.http_port)
+        log.info("loading the model from %s", settings.model_path)
+        await service.start()
+        loaded = True
+        bot = Bot(settings, storage, service)
         for adapter in adapters:
             await adapter.start(bot.handle)
             log.info("%s adapter started", adapter.platform)
@@ -100,7 +104,9 @@ async def run(settings: Settings, *, console: Adapter | None = None) -> None:
         await _shutdown(adapters, runner, service, storage)
 
 
-def _health(service: ModelService) -> dict[str, object]:
+def _health(service: ModelService, loaded: bool) -> dict[str, object]:
+    if not loaded:
+        return {"status": "starting", "model": "loading"}
     return {"queue_depth": service.queue_depth, "in_flight": service.in_flight}
 
 

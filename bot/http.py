@@ -17,7 +17,10 @@ def create_app(health: HealthCheck) -> web.Application:
     app = web.Application(client_max_size=1024**2)
 
     async def healthz(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", **health()})
+        # ``status`` is "ok" once everything is up; anything else ("starting") is a 503, so a
+        # load balancer or orchestrator sends no traffic to a process still loading the model.
+        report = {"status": "ok", **health()}
+        return web.json_response(report, status=200 if report["status"] == "ok" else 503)
 
     async def metrics(request: web.Request) -> web.Response:
         body = generate_latest()

@@ -105,3 +105,51 @@ def test_check_settings_rejects_misconfiguration(
 def test_check_settings_accepts_a_hub_id_and_a_local_folder(tmp_path: Path) -> None:
     app.check_settings(make_settings(tmp_path, model_path="THUDM/chatglm2-6b-int4"))
     app.check_settings(make_settings(tmp_path, model_path=str(tmp_path)))
+
+
+async def test_health_and_metrics_answer_while_the_model_is_still_loading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    release = threading.Event()
+    gen = ScriptedGenerator()
+
+    def slow_load() -> ScriptedGenerator:
+        release.wait(30)
+        return gen
+
+    monkeypatch.setattr(app, "model_factory", lambda settings: slow_load)
+    port = free_port()
+    task = asyncio.create_task(app.run(make_settings(tmp_path, http_port=port)))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(100):
+                try:
+                    async with http.get(f"{url}/healthz") as resp:
+                        starting = (resp.status, await resp.json())
+                        break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.05)
+            else:
+                pytest.fail("the HTTP server did not come up before the model loaded")
+            async with http.get(f"{url}/metrics") as resp:
+                metrics_status = resp.status
+            release.set()
+            for _ in range(100):
+                async with http.get(f"{url}/healthz") as resp:
+                    if resp.status == 200:
+                        ready = await resp.json()
+                        break
+                await asyncio.sleep(0.05)
+            else:
+                pytest.fail("/healthz never became ready after the model loaded")
+    finally:
+        release.set()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert starting == (503, {"status": "starting", "model": "loading"})
+    assert metrics_status == 200
+    assert ready["status"] == "ok"
