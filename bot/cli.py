@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from importlib import metadata
 from collections.abc import Sequence
 
 from pydantic import ValidationError
@@ -31,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="A Slack / Discord / console chat bot on ChatGLM2-6B"
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {metadata.version('chatglm-bot')}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the configured platform adapters and the HTTP server")

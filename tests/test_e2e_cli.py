@@ -143,3 +143,11 @@ def test_console_chat_survives_non_utf8_input(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.count(b"bot> ") == 2  # both lines were answered, nothing crashed
+
+
+def test_version_prints_the_installed_version() -> None:
+    from importlib import metadata
+
+    result = run_cli(["--version"], {}, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"chatglm-bot {metadata.version('chatglm-bot')}"
