@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from importlib import metadata
 from collections.abc import Sequence
+from importlib import metadata
 
 from pydantic import ValidationError
 
