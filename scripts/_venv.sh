@@ -1,5 +1,7 @@
 # Sourced by scripts/run and scripts/test: make sure .venv exists and holds this project.
-# Re-installs only when pyproject.toml changed since the last install.
+# CHATGLM_BOT_EXTRAS (set by the sourcing script) names the pip extras to install: scripts/test
+# wants "dev" (pytest, ruff, mypy), scripts/run none, so a production install has no dev tools.
+# Re-installs only when pyproject.toml changed since the last install or more extras are wanted.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -12,12 +14,15 @@ if [ ! -x .venv/bin/python ]; then
     echo "creating .venv" >&2
     "$python" -m venv .venv
 fi
+extras="${CHATGLM_BOT_EXTRAS:-}"
 stamp=.venv/.chatglm-bot-installed
 want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    echo "installing chatglm-bot into .venv (first run takes a few minutes)" >&2
+have="$(cat "$stamp" 2>/dev/null || true)"
+# The stamp is "<hash> <extras>"; an install with dev extras also serves a runtime-only run.
+if [ "${have%% *}" != "$want" ] || { [ -n "$extras" ] && [ "${have#* }" != "$extras" ]; }; then
+    echo "installing chatglm-bot${extras:+ with [$extras]} into .venv (first run takes a few minutes)" >&2
     .venv/bin/python -m pip install --quiet --upgrade pip
     # torch is pinned in pyproject.toml to the CPU build; see README for CUDA.
-    .venv/bin/python -m pip install --quiet -e ".[dev]"
-    echo "$want" > "$stamp"
+    .venv/bin/python -m pip install --quiet -e ".${extras:+[$extras]}"
+    echo "$want $extras" > "$stamp"
 fi

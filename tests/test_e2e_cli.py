@@ -151,3 +151,18 @@ def test_version_prints_the_installed_version() -> None:
     result = run_cli(["--version"], {}, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"chatglm-bot {metadata.version('chatglm-bot')}"
+
+
+def test_scripts_run_passes_its_arguments_to_the_command() -> None:
+    root = Path(__file__).resolve().parents[1]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("BOT_", "SLACK_", "DISCORD_"))}
+    result = subprocess.run(
+        [str(root / "scripts" / "run"), "chat", "--help"],
+        capture_output=True,
+        text=True,
+        env=clean,
+        timeout=600,
+        cwd=root,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--session" in result.stdout
