@@ -25,9 +25,13 @@ log = logging.getLogger(__name__)
 PRUNE_EVERY_S = 3600.0
 
 
-def check_settings(settings: Settings) -> None:
-    """Fail fast, with one clear line, on what would otherwise fail later and less clearly."""
-    if settings.slack_enabled and not settings.slack_socket_mode and settings.slack_signing_secret is None:
+def check_settings(settings: Settings, *, platforms: bool = True) -> None:
+    """Fail fast, with one clear line, on what would otherwise fail later and less clearly.
+
+    ``platforms``: whether the Slack / Discord settings matter (not for a console chat, which
+    must work in a shell whose environment is set up for ``serve``)."""
+    slack_http = settings.slack_enabled and not settings.slack_socket_mode
+    if platforms and slack_http and settings.slack_signing_secret is None:
         raise ConfigError(
             "SLACK_BOT_TOKEN is set but neither SLACK_SIGNING_SECRET (HTTP Events API) "
             "nor SLACK_APP_TOKEN (Socket Mode) is"

@@ -11,7 +11,7 @@ from importlib import metadata
 from pydantic import ValidationError
 
 from bot import logs
-from bot.config import ConfigError, Settings, secret_values
+from bot.config import ConfigError, Settings, secret_values, unknown_setting_warnings
 
 PROG = "chatglm-bot"
 
@@ -59,7 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_settings() -> Settings:
+def load_settings(*, warn: bool = True) -> Settings:
+    for warning in unknown_setting_warnings() if warn else ():
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
     try:
         return Settings()
     except ValidationError as exc:
@@ -78,7 +80,7 @@ def _prepare(*, quiet: bool = False) -> Settings:
     settings = load_settings()
     level = "WARNING" if quiet and settings.log_level == "INFO" else settings.log_level
     logs.configure(level, secret_values(settings))
-    check_settings(settings)
+    check_settings(settings, platforms=not quiet)
     return settings
 
 
@@ -106,5 +108,5 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    settings = load_settings()
+    settings = load_settings(warn=False)  # serve / chat load them again, and warn then
     return _serve(args) if settings.slack_enabled or settings.discord_enabled else _chat(args)

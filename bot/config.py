@@ -7,9 +7,13 @@ appear in a repr or a log line.
 
 from __future__ import annotations
 
+import difflib
 import enum
-from typing import Annotated, Any
+import os
+from collections.abc import Iterable, Mapping
+from typing import Annotated, Any, Literal
 
+from dotenv import dotenv_values
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -36,10 +40,10 @@ class Settings(BaseSettings):
 
     # Model
     model_path: str = "THUDM/chatglm2-6b-int4"
-    model_dtype: str = Field("auto", pattern="^(auto|float32|bfloat16|float16)$")
-    device: str = Field("auto", pattern="^(auto|cpu|cuda)$")
+    model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int = Field(0, ge=0, description="intra-op threads of the inference thread; 0 = auto")
-    int4_kernel: str = Field("auto", pattern="^(auto|native|torch)$")
+    int4_kernel: Literal["auto", "native", "torch"] = "auto"
     max_batch_size: int = Field(8, ge=1, le=64, description="conversations decoded together")
     prefix_cache_mb: int = Field(1024, ge=0, description="memory for kept conversation KV caches")
 
@@ -72,7 +76,7 @@ class Settings(BaseSettings):
     discord_allowed_users: IdList = frozenset()
     discord_allowed_channels: IdList = frozenset()
 
-    log_level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 
     # Slack (standard names)
     slack_bot_token: SecretStr | None = _alias("SLACK_BOT_TOKEN")
@@ -107,7 +111,13 @@ class Settings(BaseSettings):
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: object) -> object:
-        return value.upper() if isinstance(value, str) else value
+        return value.strip().upper() if isinstance(value, str) else value
+
+    # Choices are case-insensitive everywhere (BOT_DEVICE=CPU works).
+    @field_validator("model_dtype", "device", "int4_kernel", "access_denied_mode", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _check_context(self) -> Settings:
@@ -150,3 +160,40 @@ def secret_values(settings: Settings) -> list[str]:
         settings.discord_bot_token,
     )
     return [field.get_secret_value() for field in fields if field is not None]
+
+
+def env_names() -> frozenset[str]:
+    """Every environment variable a setting is read from (``BOT_*`` and the platforms' own names)."""
+    names: set[str] = set()
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        if isinstance(alias, AliasChoices):
+            names.update(str(choice) for choice in alias.choices)
+        else:
+            names.add(f"BOT_{name.upper()}")
+    return frozenset(names)
+
+
+def unknown_setting_warnings(
+    environ: Mapping[str, str] | None = None, env_file: str | None = ".env"
+) -> list[str]:
+    """A warning for each ``BOT_*`` variable (environment or ``.env``) that is no setting, naming the
+    closest real one: a misspelled variable would otherwise be ignored without a word."""
+    environ = os.environ if environ is None else environ
+    given: dict[str, str] = {name: "environment" for name in environ}
+    if env_file is not None and os.path.isfile(env_file):
+        given.update({name: env_file for name in dotenv_values(env_file)})
+    known = env_names()
+    return [
+        _unknown(name, where, known)
+        for name, where in sorted(given.items())
+        if name.upper().startswith("BOT_")
+        and not name.upper().startswith("BOT_TEST_")
+        and name.upper() not in known
+    ]
+
+
+def _unknown(name: str, where: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name.upper(), list(known), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return f"{name} (from {where}) is not a chatglm-bot setting and is ignored{hint}"

@@ -166,3 +166,12 @@ def test_scripts_run_passes_its_arguments_to_the_command() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "--session" in result.stdout
+
+
+def test_chat_works_in_a_shell_set_up_for_serve(tmp_path: Path) -> None:
+    # SLACK_BOT_TOKEN without SLACK_SIGNING_SECRET stops `serve`, but a console chat needs neither.
+    env = chat_env(tmp_path) | {"SLACK_BOT_TOKEN": "xoxb-secret-token"}
+    result = run_cli(["chat", "--session", "serveenv"], env, stdin="hello\nquit\n")
+    assert result.returncode == 0, result.stderr
+    assert "bot> " in result.stdout
+    assert "xoxb-secret-token" not in result.stdout + result.stderr
