@@ -97,6 +97,7 @@ async def run(settings: Settings, *, console: Adapter | None = None) -> None:
             runner = await http.start_server(http_app, settings.http_host, settings.http_port)
         log.info("loading the model from %s", settings.model_path)
         await service.start()
+        _check_context(settings, service.max_context_tokens)
         loaded = True
         bot = Bot(settings, storage, service)
         for adapter in adapters:
@@ -106,6 +107,16 @@ async def run(settings: Settings, *, console: Adapter | None = None) -> None:
         await _wait_until_stopped(settings, storage, console)
     finally:
         await _shutdown(adapters, runner, service, storage)
+
+
+def _check_context(settings: Settings, model_context: int) -> None:
+    """A reply budget that leaves no room for a prompt would refuse every message; say so at start."""
+    context = min(settings.max_context_tokens, model_context)
+    if settings.max_new_tokens >= context:
+        raise ConfigError(
+            f"BOT_MAX_NEW_TOKENS ({settings.max_new_tokens}) must be below the model's context of "
+            f"{context} tokens (it leaves no room for the prompt); set it to at most {context // 2}, say"
+        )
 
 
 def _health(service: ModelService, loaded: bool) -> dict[str, object]:

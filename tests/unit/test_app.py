@@ -153,3 +153,15 @@ async def test_health_and_metrics_answer_while_the_model_is_still_loading(
     assert starting == (503, {"status": "starting", "model": "loading"})
     assert metrics_status == 200
     assert ready["status"] == "ok"
+
+
+async def test_max_new_tokens_beyond_the_models_own_context_stops_start_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gen = ScriptedGenerator(max_context_tokens=256)
+    monkeypatch.setattr(app, "model_factory", lambda settings: lambda: gen)
+    settings = make_settings(tmp_path, http_port=free_port(), max_new_tokens=512, max_context_tokens=8192)
+    with pytest.raises(
+        ConfigError, match=r"BOT_MAX_NEW_TOKENS \(512\) must be below the model's context of 256"
+    ):
+        await asyncio.wait_for(app.run(settings), 10)
