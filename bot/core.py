@@ -178,6 +178,7 @@ class Bot:
             return await self._reply_text(message, reply, note, Outcome.REJECTED, progress)
 
         history = await self._history(channel, text, budget)
+        started = time.monotonic()
         await reply.begin()
         answer = await self._generate(message, history, reply)
         if answer is None:
@@ -195,6 +196,14 @@ class Bot:
         )
         progress.settled = True
         await reply.finish(answer or EMPTY_ANSWER_TEXT)
+        # One line per answer for operators: where, how much, how long; never the words.
+        log.info(
+            "answered %s: %d history turns, %d answer tokens, %.1f s",
+            channel,
+            len(history),
+            self._service.count_tokens(answer),
+            time.monotonic() - started,
+        )
         return Outcome.ANSWERED
 
     async def _generate(
