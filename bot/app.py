@@ -81,7 +81,8 @@ def platform_adapters(settings: Settings, http_app: web.Application) -> list[Ada
 
 async def run(settings: Settings, *, console: Adapter | None = None) -> None:
     """Run until SIGTERM/SIGINT, or until the console adapter's chat ends."""
-    storage = await Storage.open(settings.database_url)
+    storage = await Storage.open(settings.database_url, data_dir=settings.data_dir)
+    log.info("database: %s", storage.location)
     service = ModelService(
         model_factory(settings), queue_size=settings.queue_size, timeout_s=settings.request_timeout_s
     )

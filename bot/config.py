@@ -11,6 +11,7 @@ import difflib
 import enum
 import os
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from dotenv import dotenv_values
@@ -27,6 +28,11 @@ IdList = Annotated[frozenset[str], NoDecode]
 class DeniedMode(enum.StrEnum):
     REFUSE = "refuse"  # a polite one-line refusal
     SILENT = "silent"  # no reply at all
+
+
+def _default_data_dir() -> Path:
+    xdg = os.environ.get("XDG_DATA_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "chatglm-bot"
 
 
 def _alias(*names: str) -> Any:
@@ -62,6 +68,10 @@ class Settings(BaseSettings):
 
     # Storage
     database_url: str = "sqlite:///chatglm-bot.db"
+    data_dir: Path = Field(
+        default_factory=lambda: _default_data_dir(),
+        description="where a relative SQLite path lives (default $XDG_DATA_HOME/chatglm-bot)",
+    )
     event_retention_hours: float = Field(72.0, gt=0)
     recover_window_s: float = Field(900.0, ge=0, description="answer unanswered events younger than this")
 

@@ -33,10 +33,13 @@ def mask_url(url: str) -> str:
     return _PASSWORD.sub(r"\1***@", url)
 
 
-def normalize_url(raw: str) -> URL:
+def normalize_url(raw: str, data_dir: Path | None = None) -> URL:
     """The async-driver URL for ``raw``; a plain ``sqlite:///`` / ``postgres(ql)://`` URL gets
     aiosqlite / asyncpg, an explicit async driver is kept. Raises ``ConfigError`` naming the
-    (masked) URL when it cannot be used."""
+    (masked) URL when it cannot be used.
+
+    A relative SQLite path is taken from ``data_dir`` (not the current folder, so a service and a
+    shell see the same file); only folders inside ``data_dir`` are created, never others."""
     shown = mask_url(raw.strip())
     try:
         url = make_url(raw.strip())
@@ -54,14 +57,14 @@ def normalize_url(raw: str) -> URL:
         raise ConfigError(f"database URL {shown!r}: {driver!r} is not an async driver for {backend}")
     url = url.set(drivername=f"{backend}+{driver}")
     if backend == "sqlite":
-        return _sqlite_file(url, shown)
+        return _sqlite_file(url, shown, data_dir)
     if driver == "asyncpg" and "sslmode" in url.query:
         # libpq spells it sslmode; asyncpg takes the same values as ssl=.
         url = url.difference_update_query(["sslmode"]).update_query_dict({"ssl": url.query["sslmode"]})
     return url
 
 
-def _sqlite_file(url: URL, shown: str) -> URL:
+def _sqlite_file(url: URL, shown: str, data_dir: Path | None) -> URL:
     database = url.database or ""
     if database in ("", ":memory:") or url.query.get("mode") == "memory":
         raise ConfigError(
@@ -71,10 +74,21 @@ def _sqlite_file(url: URL, shown: str) -> URL:
     if url.query.get("uri"):
         return url  # a file: URI is the user's own business
     path = Path(database).expanduser()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"database URL {shown!r}: cannot create {path.parent}: {exc.strerror}") from None
+    if not path.is_absolute():
+        path = (data_dir or Path.cwd()) / path
+    base = data_dir.expanduser().resolve() if data_dir is not None else None
+    if base is not None and path.resolve().is_relative_to(base):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"database URL {shown!r}: cannot create {path.parent}: {exc.strerror}"
+            ) from None
+    elif not path.parent.is_dir():
+        raise ConfigError(
+            f"database URL {shown!r}: folder {path.parent} does not exist (create it, or give a path "
+            "inside BOT_DATA_DIR)"
+        )
     return url.set(database=str(path))
 
 

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 from alembic.util import CommandError
@@ -89,11 +90,13 @@ class Storage:
         writer = engine.execution_options(**{SQLITE_IMMEDIATE: True})
         self._writes = async_sessionmaker(writer, expire_on_commit=False)
         self._pending: set[asyncio.Future[Any]] = set()
+        self.location = engine.url.render_as_string(hide_password=True)  # for logs: no password
 
     @classmethod
-    async def open(cls, url: str, *, instance_id: str | None = None) -> Storage:
-        """Connect to ``url`` (see ``storage.db.normalize_url``) and migrate it to the newest schema."""
-        normalized = normalize_url(url)
+    async def open(cls, url: str, *, instance_id: str | None = None, data_dir: Path | None = None) -> Storage:
+        """Connect to ``url`` (see ``storage.db.normalize_url``, with ``data_dir`` the base of a
+        relative SQLite path) and migrate it to the newest schema."""
+        normalized = normalize_url(url, data_dir)
         engine = create_engine(normalized)
         try:
             await upgrade_to_head(engine)

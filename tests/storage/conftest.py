@@ -73,6 +73,7 @@ def backend(request: pytest.FixtureRequest) -> str:
 async def database_url(backend: str, tmp_path: Path) -> AsyncIterator[str]:
     """A plain (un-normalised) URL of an empty database, as a user would configure it."""
     if backend == "sqlite":
+        (tmp_path / "data").mkdir()
         yield f"sqlite:///{tmp_path / 'data' / 'bot.db'}"
         return
     async with _scratch_database(POSTGRES_URL) as url:

@@ -35,16 +35,34 @@ def test_postgres_urls_get_an_async_driver(raw: str, expected: str) -> None:
 @pytest.mark.parametrize("prefix", ["sqlite:///", "sqlite+aiosqlite:///", "sqlite+pysqlite:///"])
 def test_sqlite_urls_get_aiosqlite_and_a_parent_directory(tmp_path: Path, prefix: str) -> None:
     path = tmp_path / "deep" / "er" / "bot.db"
-    url = normalize_url(f"{prefix}{path}")
+    url = normalize_url(f"{prefix}{path}", data_dir=tmp_path)
     assert url.drivername == "sqlite+aiosqlite"
     assert url.database == str(path)
     assert path.parent.is_dir()
 
 
+def test_a_relative_sqlite_path_lives_in_the_data_dir_whatever_the_cwd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    url = normalize_url("sqlite:///history/bot.db", data_dir=tmp_path / "data")
+    assert url.database == str(tmp_path / "data" / "history" / "bot.db")
+    assert (tmp_path / "data" / "history").is_dir()
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_no_folder_is_created_outside_the_data_dir(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        normalize_url(f"sqlite:///{tmp_path / 'other' / 'bot.db'}", data_dir=tmp_path / "data")
+    assert not (tmp_path / "other").exists()
+
+
 def test_an_uncreatable_sqlite_directory_is_a_config_error(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("not a directory")
     with pytest.raises(ConfigError, match="cannot create"):
-        normalize_url(f"sqlite:///{tmp_path / 'file' / 'sub' / 'bot.db'}")
+        normalize_url(f"sqlite:///{tmp_path / 'file' / 'sub' / 'bot.db'}", data_dir=tmp_path)
 
 
 @pytest.mark.parametrize("raw", ["sqlite://", "sqlite:///:memory:", "sqlite+aiosqlite://"])

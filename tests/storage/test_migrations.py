@@ -118,7 +118,7 @@ async def test_a_relative_sqlite_path_works_from_any_working_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)  # the migrations are found next to the package, not via the cwd
-    opened = await Storage.open("sqlite:///state/bot.db")
+    opened = await Storage.open("sqlite:///state/bot.db", data_dir=tmp_path)
     await opened.close()
     assert (tmp_path / "state" / "bot.db").is_file()
     assert (await _inspect(f"sqlite:///{tmp_path / 'state' / 'bot.db'}", _tables_and_revision))[0] == TABLES
