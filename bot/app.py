@@ -156,6 +156,13 @@ async def _prune_forever(settings: Settings, storage: Storage) -> None:
             pruned = await storage.prune_events(cutoff)
             if pruned:
                 log.info("pruned %d old processed-event records", pruned)
+            if settings.history_retention_days > 0:
+                kept_from = datetime.now(UTC) - timedelta(days=settings.history_retention_days)
+                forgotten = await storage.prune_history(kept_from)
+                if forgotten:
+                    log.info(
+                        "forgot %d messages older than %g days", forgotten, settings.history_retention_days
+                    )
         except Exception:
             log.exception("pruning processed events failed")
         await asyncio.sleep(PRUNE_EVERY_S)

@@ -1,4 +1,4 @@
-"""Command line: ``chatglm-bot serve | chat | generate | discord-sync``."""
+"""Command line: ``chatglm-bot serve | chat | run | generate | backup | discord-sync``."""
 
 from __future__ import annotations
 
@@ -50,6 +50,12 @@ def _parser() -> argparse.ArgumentParser:
 
     model_cli.configure_parser(generate)
     generate.set_defaults(func=model_cli.run)
+
+    backup = sub.add_parser("backup", help="copy the history database to FILE while the bot runs")
+    from bot import backup as backup_command
+
+    backup_command.configure_parser(backup)
+    backup.set_defaults(func=lambda args: backup_command.run(args, load_settings()))
 
     sync = sub.add_parser("discord-sync", help="register the Discord slash commands")
     from adapters import discord_adapter

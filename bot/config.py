@@ -73,6 +73,7 @@ class Settings(BaseSettings):
         description="where a relative SQLite path lives (default $XDG_DATA_HOME/chatglm-bot)",
     )
     event_retention_hours: float = Field(72.0, gt=0)
+    history_retention_days: float = Field(0.0, ge=0, description="forget turns older than this; 0 = keep")
     recover_window_s: float = Field(900.0, ge=0, description="answer unanswered events younger than this")
 
     # HTTP (/healthz, /metrics, /slack/events)

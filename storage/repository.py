@@ -207,6 +207,23 @@ class Storage:
             )
             return _rowcount(result)
 
+    @_uncancellable
+    async def prune_history(self, older_than: datetime) -> int:
+        """Forget conversation turns stored before ``older_than`` (BOT_HISTORY_RETENTION_DAYS);
+        returns how many messages were deleted. Answers go first: they reference their question."""
+        _require_aware(older_than)
+        async with self._write() as session:
+            answers = await session.execute(
+                delete(Message).where(Message.role == "assistant", Message.created_at < older_than)
+            )
+            answered = select(Message.reply_to_id).where(Message.reply_to_id.is_not(None))
+            questions = await session.execute(
+                delete(Message).where(
+                    Message.role == "user", Message.created_at < older_than, Message.id.not_in(answered)
+                )
+            )
+            return _rowcount(answers) + _rowcount(questions)
+
     # -- history --------------------------------------------------------------------------------
 
     @_uncancellable

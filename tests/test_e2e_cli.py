@@ -175,3 +175,33 @@ def test_chat_works_in_a_shell_set_up_for_serve(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "bot> " in result.stdout
     assert "xoxb-secret-token" not in result.stdout + result.stderr
+
+
+def test_backup_copies_the_history_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    env = chat_env(tmp_path)
+    chatted = run_cli(["chat", "--session", "kept"], env, stdin="hello\nquit\n")
+    assert chatted.returncode == 0, chatted.stderr
+    target = tmp_path / "copy.db"
+    result = run_cli(["backup", str(target)], env, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+    async def turns() -> int:
+        storage = await Storage.open(f"sqlite:///{target}")
+        try:
+            return len(await storage.recent_turns(ChannelRef("console", "kept"), 10))
+        finally:
+            await storage.close()
+
+    assert asyncio.run(turns()) == 1
+    again = run_cli(["backup", str(target)], env, timeout=60)
+    assert again.returncode == 2
+    assert again.stderr.strip().splitlines() == [
+        f"chatglm-bot: error: {target} already exists; give a new file name"
+    ]
+
+
+def test_backup_of_postgresql_names_pg_dump(tmp_path: Path) -> None:
+    env = chat_env(tmp_path) | {"BOT_DATABASE_URL": "postgresql://bot:hunter2@db.invalid/chat"}
+    result = run_cli(["backup", str(tmp_path / "x.dump")], env, timeout=60)
+    assert result.returncode == 2
+    assert "pg_dump" in result.stderr and "hunter2" not in result.stderr
