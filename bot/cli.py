@@ -1,4 +1,4 @@
-"""Command line: ``chatglm-bot serve | chat | run | generate | backup | discord-sync``."""
+"""Command line: ``chatglm-bot serve | chat | run | generate | doctor | backup | discord-sync``."""
 
 from __future__ import annotations
 
@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
 
     model_cli.configure_parser(generate)
     generate.set_defaults(func=model_cli.run)
+
+    doctor = sub.add_parser("doctor", help="check the setup in a few seconds, without loading the model")
+    doctor.set_defaults(func=_doctor)
 
     backup = sub.add_parser("backup", help="copy the history database to FILE while the bot runs")
     from bot import backup as backup_command
@@ -116,3 +119,9 @@ def _chat(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     settings = load_settings(warn=False)  # serve / chat load them again, and warn then
     return _serve(args) if settings.slack_enabled or settings.discord_enabled else _chat(args)
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from bot import doctor
+
+    return doctor.run(load_settings())
