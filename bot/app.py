@@ -36,10 +36,28 @@ def check_settings(settings: Settings, *, platforms: bool = True) -> None:
             "SLACK_BOT_TOKEN is set but neither SLACK_SIGNING_SECRET (HTTP Events API) "
             "nor SLACK_APP_TOKEN (Socket Mode) is"
         )
-    path = settings.model_path
+    path = settings.model_path.strip()
+    if not path:
+        raise ConfigError(
+            "BOT_MODEL_PATH is empty: set it to the checkpoint folder (see the README's quick start)"
+        )
+    local = Path(path).expanduser()
+    if local.is_file():
+        raise ConfigError(
+            f"BOT_MODEL_PATH: {path!r} is a file; give the folder that holds it (config.json, "
+            "tokenizer.model and the weights)"
+        )
     looks_local = path.startswith((".", "/", "~")) or path.count("/") != 1
-    if looks_local and not Path(path).expanduser().is_dir():
+    if looks_local and not local.is_dir():
         raise ConfigError(f"BOT_MODEL_PATH: model folder {path!r} does not exist")
+    if settings.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"BOT_DEVICE=cuda, but this PyTorch ({torch.__version__}) sees no CUDA device; "
+                "use BOT_DEVICE=cpu or install a CUDA build of torch (see the README's GPU section)"
+            )
 
 
 def model_factory(settings: Settings) -> GeneratorFactory:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from bot.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,16 @@ async def start_server(app: web.Application, host: str, port: int) -> web.AppRun
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        # One line naming the setting, before the model loads, instead of a traceback after it.
+        if isinstance(exc, socket.gaierror):
+            raise ConfigError(f"BOT_HTTP_HOST: {host!r} does not resolve ({exc.strerror})") from None
+        raise ConfigError(
+            f"BOT_HTTP_PORT: cannot listen on {host}:{port} ({exc.strerror}); stop what uses it or "
+            "set BOT_HTTP_PORT"
+        ) from None
     log.info("HTTP server listening on %s:%d", host, port)
     return runner

@@ -15,6 +15,7 @@ from bot.events import ChannelRef
 from storage.repository import Storage
 from tests.model.fixture import expected, tiny_dir
 
+_HAS_CUDA = __import__("torch").cuda.is_available()
 PROMPTS = {p["name"]: p for p in expected()["tokenizer"]["chat_prompts"]}
 RUNS = {p["name"]: p for p in expected()["fp32"]}
 
@@ -116,6 +117,15 @@ def test_console_chat_answers_like_the_official_chat_and_keeps_history(tmp_path:
         (["chat"], {"BOT_DATABASE_URL": "mysql://root:hunter2@db/x"}, "database URL"),
         (["serve"], {"SLACK_BOT_TOKEN": "xoxb-secret-token"}, "SLACK_SIGNING_SECRET"),
         (["serve"], {}, "no platform is configured"),
+        (["chat"], {"BOT_MODEL_PATH": ""}, "BOT_MODEL_PATH is empty"),
+        (["chat"], {"BOT_MODEL_PATH": __file__}, "is a file"),
+        (["chat"], {"BOT_DEVICE": "Tpu"}, "BOT_DEVICE"),
+        pytest.param(
+            ["chat"],
+            {"BOT_DEVICE": "cuda"},
+            "BOT_DEVICE=cuda",
+            marks=pytest.mark.skipif(_HAS_CUDA, reason="this machine has CUDA"),
+        ),
     ],
 )
 def test_misconfiguration_stops_with_one_clear_line(
@@ -205,3 +215,19 @@ def test_backup_of_postgresql_names_pg_dump(tmp_path: Path) -> None:
     result = run_cli(["backup", str(tmp_path / "x.dump")], env, timeout=60)
     assert result.returncode == 2
     assert "pg_dump" in result.stderr and "hunter2" not in result.stderr
+
+
+def test_a_busy_http_port_stops_serve_with_one_line_before_the_model_loads(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = chat_env(tmp_path) | {"DISCORD_BOT_TOKEN": "discord-secret", "BOT_HTTP_PORT": str(port)}
+        result = run_cli(["serve"], env, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"chatglm-bot: error: BOT_HTTP_PORT: cannot listen on 127.0.0.1:{port}")
+    assert "Traceback" not in result.stderr and "loading the model" not in result.stderr
+    assert "discord-secret" not in result.stderr
