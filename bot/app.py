@@ -12,7 +12,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from bot import http
+from bot import http, metrics
 from bot.config import ConfigError, Settings
 from bot.core import Bot
 from bot.events import Adapter
@@ -117,6 +117,7 @@ async def run(settings: Settings, *, console: Adapter | None = None) -> None:
         log.info("loading the model from %s", settings.model_path)
         await service.start()
         _check_context(settings, service.max_context_tokens)
+        _export_model_metrics(settings, service.generator)
         loaded = True
         bot = Bot(settings, storage, service)
         for adapter in adapters:
@@ -136,6 +137,17 @@ def _check_context(settings: Settings, model_context: int) -> None:
             f"BOT_MAX_NEW_TOKENS ({settings.max_new_tokens}) must be below the model's context of "
             f"{context} tokens (it leaves no room for the prompt); set it to at most {context // 2}, say"
         )
+
+
+def _export_model_metrics(settings: Settings, generator: Generator) -> None:
+    describe = getattr(generator, "describe", None)
+    if callable(describe):
+        metrics.MODEL_INFO.info({"model": settings.model_path, **describe()})
+    cache = getattr(generator, "prefix_cache", None)
+    if cache is not None:
+        # Read at scrape time; an int read races with nothing that matters.
+        metrics.PREFIX_CACHE_BYTES.set_function(lambda: cache.total_bytes)
+        metrics.PREFIX_CACHE_ENTRIES.set_function(lambda: len(cache))
 
 
 def _health(service: ModelService, loaded: bool) -> dict[str, object]:

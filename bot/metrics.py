@@ -1,6 +1,6 @@
 """Prometheus metrics, defined once per process (the default registry rejects duplicates)."""
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, Info
 
 QUEUE_DEPTH = Gauge("chatglm_bot_queue_depth", "Generation requests waiting for the inference thread")
 IN_FLIGHT = Gauge("chatglm_bot_in_flight", "Generation requests being decoded now")
@@ -18,3 +18,11 @@ LATENCY = Histogram(
 MESSAGES = Counter(
     "chatglm_bot_messages", "Incoming messages by platform and outcome", labelnames=["platform", "outcome"]
 )
+PLATFORM_API_ERRORS = Counter(
+    "chatglm_bot_platform_api_errors",
+    "Failed platform API calls by platform, method and HTTP status (0: no HTTP answer)",
+    labelnames=["platform", "method", "status"],
+)
+PREFIX_CACHE_BYTES = Gauge("chatglm_bot_prefix_cache_bytes", "Memory held by kept conversation KV caches")
+PREFIX_CACHE_ENTRIES = Gauge("chatglm_bot_prefix_cache_entries", "Conversations whose KV cache is kept")
+MODEL_INFO = Info("chatglm_bot_model", "The loaded model: checkpoint, dtype, device and int4 kernel")

@@ -54,6 +54,7 @@ from bot.model.generate import MAX_LENGTH, GenerationOutput, SamplingParams, nex
 from bot.model.loader import load_model
 from bot.model.model import ChatGLM2
 from bot.model.prefix_cache import CachedPrefix, PrefixCache, common_prefix_length
+from bot.model.quant import int4_backends
 from bot.model.tokenizer import ChatGLMTokenizer, StreamDecoder, process_response
 
 log = logging.getLogger(__name__)
@@ -198,6 +199,16 @@ class ChatGLM2Generator:
     @property
     def max_context_tokens(self) -> int:
         return min(self.config.seq_length, MAX_LENGTH)
+
+    def describe(self) -> dict[str, str]:
+        """What is loaded, for the ``chatglm_bot_model_info`` metric."""
+        dtype = self.model.transformer.output_layer.weight.dtype
+        backends = int4_backends(self.model)
+        return {
+            "dtype": str(dtype).removeprefix("torch."),
+            "device": self.model.device.type,
+            "kernel": ",".join(backends) if backends else "dense",
+        }
 
     @property
     def max_batch_size(self) -> int:
