@@ -125,6 +125,9 @@ async def try_slack(method: str, call: Awaitable[Any]) -> Any | SlackFailure:
         failure = SlackFailure(_api_error_reason(error.response))
     except (aiohttp.ClientError, TimeoutError) as error:
         failure = SlackFailure(f"no response: {type(error).__name__}")
+    except AttributeError:
+        # slack_sdk's own check of a 200 with a text/plain body calls .get on the str.
+        failure = SlackFailure("non-JSON body")
     log.warning("Slack %s failed: %s", method, failure.reason)
     return failure
 
@@ -136,12 +139,15 @@ async def call_slack(method: str, call: Awaitable[Any]) -> Any | None:
 
 
 def _api_error_reason(response: object) -> str:
-    # An AsyncSlackResponse whose data is a dict, a str (text/plain) or empty (HTML), or for a
-    # JSON content type whose body did not parse, the raw aiohttp response.
+    # An AsyncSlackResponse whose data is a dict, a str (text/plain) or {} (any other non-JSON
+    # content type), or for a JSON content type whose body did not parse, the aiohttp response.
     status = getattr(response, "status_code", getattr(response, "status", None))
     data = getattr(response, "data", None)
-    code = data.get("error") if isinstance(data, Mapping) else None
-    detail = f"error: {code}" if isinstance(code, str) and code else "non-JSON body"
+    if not isinstance(data, Mapping) or not data:
+        detail = "non-JSON body"
+    else:
+        code = data.get("error")
+        detail = f"error: {code}" if isinstance(code, str) and code else "no error code"
     return detail if status == 200 else f"HTTP {status}, {detail}"
 
 

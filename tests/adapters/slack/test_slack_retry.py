@@ -97,3 +97,19 @@ async def test_retry_after_is_honoured_and_capped(
     )
     assert sleeps == [slept]  # an unreadable value falls back to the backoff
     assert state.next_attempt_requested and state.current_attempt == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "data", "reason"),
+    [
+        (200, {"ok": False, "error": "msg_too_long"}, "error: msg_too_long"),
+        (500, {"ok": False}, "HTTP 500, no error code"),
+        (502, "Bad Gateway", "HTTP 502, non-JSON body"),
+        (500, {}, "HTTP 500, non-JSON body"),  # what the SDK keeps of an HTML page
+    ],
+)
+async def test_failures_are_named_by_status_and_error_code(status: int, data: object, reason: str) -> None:
+    async def refused() -> None:
+        raise SlackApiError("refused", SimpleNamespace(status_code=status, data=data))
+
+    assert await slack_reply.try_slack("chat.update", refused()) == slack_reply.SlackFailure(reason)

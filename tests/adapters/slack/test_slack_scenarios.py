@@ -568,6 +568,19 @@ async def test_a_refused_final_edit_leaves_a_truthful_note(tmp_path: Path, fake:
         assert len(fake.calls_to("chat.update")) == 1  # a permanent refusal is not retried
 
 
+async def test_a_text_plain_200_on_the_final_edit_gives_a_note_not_a_crash(
+    tmp_path: Path, fake: FakeSlack
+) -> None:
+    fake.failures["chat.update"] = [(200, "ok", {"Content-Type": "text/plain"})] * 50
+    async with slack_rig(tmp_path, fake, edit_interval=1.0) as rig:  # only the final edit
+        event = mention("plain ok")
+        await deliver(rig, event_body(event))
+        await fake.wait_for(lambda: len(fake.thread("C1", event["ts"])) == 2)
+        placeholder, note = fake.thread_text("C1", event["ts"])
+        assert placeholder == PLACEHOLDER
+        assert note.startswith(":warning: Slack refused part of this answer (non-JSON body);")
+
+
 @pytest.fixture
 def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(slack_reply, "RETRY_BASE_S", 0.01)
