@@ -38,10 +38,12 @@ from adapters.slack_events import (
 from adapters.slack_reply import (
     Respond,
     SlackEphemeralReply,
+    SlackFailure,
     SlackReply,
     TransientRetryHandler,
     call_slack,
     escape,
+    try_slack,
 )
 from bot.config import ConfigError, Settings
 from bot.events import Command, Handler, IncomingMessage, ReplyHandle
@@ -254,9 +256,15 @@ class SlackAdapter:
         # (at the top level of a DM, whose single conversation it joins).
         quote = f"<@{user}> asked: {escape(prompt)}"
         posting = self._client.chat_postMessage(channel=channel, text=quote, unfurl_links=False)
-        posted = await call_slack("chat.postMessage", posting)
-        if posted is None:
-            await SlackEphemeralReply(respond).fail(NOT_IN_CHANNEL)
+        posted = await try_slack("chat.postMessage", posting)
+        if isinstance(posted, SlackFailure):
+            # Only these codes mean an invitation would help; anything else is said as it is.
+            if posted.reason in ("error: not_in_channel", "error: channel_not_found"):
+                await SlackEphemeralReply(respond).fail(NOT_IN_CHANNEL)
+            else:
+                await SlackEphemeralReply(respond).fail(
+                    f"Slack refused to post your question ({posted.reason})."
+                )
             return
         thread_ts = None if channel.startswith("D") else str(posted["ts"])
         message = command_message(body, command, prompt, thread_ts, names)

@@ -525,6 +525,27 @@ async def test_slash_prompt_is_quoted_and_answered_in_the_quotes_thread(
         assert fake.thread_text("C1", quote.ts) == ["Answer 1 to: what is &lt;b&gt;?"]
 
 
+@pytest.mark.usefixtures("quick_retries")
+@pytest.mark.parametrize(
+    ("failure", "said"),
+    [
+        ((200, {"ok": False, "error": "not_in_channel"}, {}), "Invite me first"),
+        ((502, "Bad Gateway", {"Content-Type": "text/plain"}), "(HTTP 502, non-JSON body)"),
+    ],
+    ids=["not-in-channel", "bad-gateway"],
+)
+async def test_a_refused_slash_quote_is_explained_truthfully(
+    tmp_path: Path, fake: FakeSlack, failure: tuple[int, dict[str, object] | str, dict[str, str]], said: str
+) -> None:
+    fake.failures["chat.postMessage"] = [failure] * 10
+    async with slack_rig(tmp_path, fake) as rig:
+        await run_command(rig, "hello?")
+        await fake.wait_for(lambda: len(fake.responses) == 1)
+        [response] = fake.responses
+        assert response["text"].startswith(":warning:") and said in response["text"]
+        assert ("Invite me first" in response["text"]) is (said == "Invite me first")
+
+
 # --- Web API errors -----------------------------------------------------------------------------
 
 
