@@ -4,7 +4,10 @@ It translates only. Each event is acknowledged at once (bolt acks events before 
 the listener starts a background task that resolves user names, builds the neutral message and
 awaits the core's handler, which streams into a ``SlackReply``. Slack's ``event_id`` becomes the
 message's ``event_id``: the core records it, so a retry (``x-slack-retry-num``, in either mode),
-even one arriving after a restart, is never answered twice.
+even one arriving after a restart, is never answered twice. Over HTTP a request's signature is
+checked on its raw bytes before anything parses them (401), a signed but malformed body is a 400,
+and a request no listener handles (another event type, ``app_rate_limited``) a 200, so Slack does
+not retry it.
 """
 
 from __future__ import annotations
