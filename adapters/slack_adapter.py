@@ -4,12 +4,17 @@ It translates only. Each event is acknowledged at once (bolt acks events before 
 the listener starts a background task that resolves user names, builds the neutral message and
 awaits the core's handler, which streams into a ``SlackReply``. Slack's ``event_id`` becomes the
 message's ``event_id``: the core records it, so a retry (``x-slack-retry-num``, in either mode),
-even one arriving after a restart, is never answered twice.
+even one arriving after a restart, is never answered twice. Over HTTP a request's signature is
+checked on its raw bytes before anything parses them (401), a signed but malformed body is a 400,
+and a request no listener handles (another event type, ``app_rate_limited``) a 200, so Slack does
+not retry it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import time
 from collections.abc import Coroutine, Mapping
@@ -19,11 +24,10 @@ from aiohttp import web
 from slack_bolt.adapter.aiohttp import to_aiohttp_response
 from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
 from slack_bolt.app.async_app import AsyncApp
+from slack_bolt.error import BoltUnhandledRequestError
 from slack_bolt.request.async_request import AsyncBoltRequest
-from slack_sdk.http_retry.builtin_async_handlers import (
-    AsyncConnectionErrorRetryHandler,
-    AsyncRateLimitErrorRetryHandler,
-)
+from slack_bolt.response import BoltResponse
+from slack_sdk.signature import SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
 
 from adapters.slack_events import (
@@ -37,9 +41,12 @@ from adapters.slack_events import (
 from adapters.slack_reply import (
     Respond,
     SlackEphemeralReply,
+    SlackFailure,
     SlackReply,
+    TransientRetryHandler,
     call_slack,
     escape,
+    try_slack,
 )
 from bot.config import ConfigError, Settings
 from bot.events import Command, Handler, IncomingMessage, ReplyHandle
@@ -78,18 +85,19 @@ class SlackAdapter:
         self._client = AsyncWebClient(
             token=settings.slack_bot_token.get_secret_value(),
             base_url=_with_slash(settings.slack_api_url),
-            retry_handlers=[
-                AsyncConnectionErrorRetryHandler(),
-                AsyncRateLimitErrorRetryHandler(max_retry_count=3),
-            ],
+            retry_handlers=[TransientRetryHandler()],
         )
         secret = settings.slack_signing_secret
+        self._verifier = _BytesSignatureVerifier(secret.get_secret_value()) if secret else None
         self._app = AsyncApp(
             client=self._client,
             # Socket Mode envelopes are not signed; bolt skips verification for them.
             signing_secret=secret.get_secret_value() if secret else "",
             name="chatglm-bot",
+            # Unhandled requests reach _on_error, which answers 200 rather than bolt's 404.
+            raise_error_for_unhandled_request=True,
         )
+        self._app.error(self._on_error)
         self._app.event("app_mention")(self._on_event)
         self._app.event("message")(self._on_event)
         self._app.command(SLASH_COMMAND)(self._on_command)
@@ -161,17 +169,40 @@ class SlackAdapter:
     async def _on_http(self, request: web.Request) -> web.StreamResponse:
         if self._handler is None:
             return web.Response(status=503, text="starting")  # Slack retries later
+        raw = await request.read()
+        # Verified here on the raw bytes, before anything parses them, so a forged request is a
+        # 401 whatever its body; bolt's middleware verifies again.
+        if not self._signed(raw, request.headers):
+            return web.Response(status=401, text="invalid signature")
         try:
-            body = (await request.read()).decode("utf-8")
             bolt_request = AsyncBoltRequest(
-                body=body,
+                body=raw.decode("utf-8"),
                 query=request.query_string,
                 headers={key: request.headers.getall(key) for key in request.headers},
             )
-        except (UnicodeDecodeError, ValueError) as error:
-            return web.Response(status=400, text=f"malformed request: {type(error).__name__}")
-        # Signature and timestamp are verified by bolt's middleware: 401, no listener runs.
+        except UnicodeDecodeError:
+            return web.Response(status=400, text="malformed request: body is not UTF-8")
+        except ValueError:
+            return web.Response(status=400, text="malformed request: body is not valid JSON")
         return await to_aiohttp_response(await self._app.async_dispatch(bolt_request))
+
+    def _signed(self, raw: bytes, headers: Mapping[str, str]) -> bool:
+        timestamp = headers.get("X-Slack-Request-Timestamp")
+        signature = headers.get("X-Slack-Signature")
+        if self._verifier is None or timestamp is None or not (timestamp.isascii() and timestamp.isdigit()):
+            return False  # the verifier's int() would raise on a non-numeric timestamp
+        return self._verifier.is_valid(body=raw, timestamp=timestamp, signature=signature)
+
+    async def _on_error(self, error: Exception, body: Mapping[str, Any]) -> BoltResponse | None:
+        if isinstance(error, BoltUnhandledRequestError):
+            # Event types the bot does not subscribe to and app_rate_limited notices: a 404 would
+            # make Slack retry them and count failures against the app.
+            event = body.get("event")
+            kind = event.get("type") if isinstance(event, Mapping) else None
+            log.debug("ignoring a Slack request no listener handles: %s %s", body.get("type"), kind or "")
+            return BoltResponse(status=200, body="")
+        log.error("a Slack listener failed", exc_info=error)
+        return None  # bolt answers 500
 
     # --- listeners (the ack path: nothing slow here) -----------------------------------------
 
@@ -228,9 +259,15 @@ class SlackAdapter:
         # (at the top level of a DM, whose single conversation it joins).
         quote = f"<@{user}> asked: {escape(prompt)}"
         posting = self._client.chat_postMessage(channel=channel, text=quote, unfurl_links=False)
-        posted = await call_slack("chat.postMessage", posting)
-        if posted is None:
-            await SlackEphemeralReply(respond).fail(NOT_IN_CHANNEL)
+        posted = await try_slack("chat.postMessage", posting)
+        if isinstance(posted, SlackFailure):
+            # Only these codes mean an invitation would help; anything else is said as it is.
+            if posted.reason in ("error: not_in_channel", "error: channel_not_found"):
+                await SlackEphemeralReply(respond).fail(NOT_IN_CHANNEL)
+            else:
+                await SlackEphemeralReply(respond).fail(
+                    f"Slack refused to post your question ({posted.reason})."
+                )
             return
         thread_ts = None if channel.startswith("D") else str(posted["ts"])
         message = command_message(body, command, prompt, thread_ts, names)
@@ -272,6 +309,18 @@ class SlackAdapter:
 
     def _reply(self, channel: str, thread_ts: str | None) -> SlackReply:
         return SlackReply(self._client, channel, thread_ts, min_edit_interval=self._min_edit_interval)
+
+
+class _BytesSignatureVerifier(SignatureVerifier):
+    """Signs the raw bytes, as Slack does: the SDK's version decodes them as UTF-8 first, so it
+    raises on exactly the bodies that must be rejected before anything decodes them."""
+
+    def generate_signature(self, *, timestamp: str, body: str | bytes) -> str:
+        raw = body.encode("utf-8") if isinstance(body, str) else body
+        digest = hmac.new(
+            self.signing_secret.encode(), b"v0:%s:%s" % (timestamp.encode(), raw), hashlib.sha256
+        )
+        return f"v0={digest.hexdigest()}"
 
 
 def _display_name(user: object) -> str | None:

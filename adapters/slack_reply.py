@@ -4,7 +4,9 @@ messages for long answers, and a short note on failure.
 Everything the model wrote is escaped (``& < >``) before it reaches Slack, so an answer can never
 form ``<!channel>``, ``<!here>``, a user mention or a link. Web API errors are logged (method and
 Slack's error code only, never a token) and swallowed: a reply that cannot be shown must not take
-the bot down, and the core cannot do anything better with the exception.
+the bot down, and the core cannot do anything better with the exception. Transient failures (5xx,
+429, ``ratelimited``, connection errors, timeouts) are retried first, by ``TransientRetryHandler``
+inside the client.
 """
 
 from __future__ import annotations
@@ -12,11 +14,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 from slack_sdk.errors import SlackApiError
+from slack_sdk.http_retry.async_handler import AsyncRetryHandler
+from slack_sdk.http_retry.request import HttpRequest
+from slack_sdk.http_retry.response import HttpResponse
+from slack_sdk.http_retry.state import RetryState
 from slack_sdk.web.async_client import AsyncWebClient
 
 from adapters.text import split_message
@@ -28,7 +35,9 @@ log = logging.getLogger(__name__)
 MESSAGE_BYTES = 3500
 PLACEHOLDER = ":hourglass_flowing_sand: _thinking…_"
 EMPTY_ANSWER = "_(no answer)_"
-INCOMPLETE = "Slack did not accept all of this answer; part of it may be missing."
+MAX_RETRIES = 3  # after the first attempt: four in all
+RETRY_BASE_S = 0.5  # backoff 0.5, 1, 2 s when Slack gives no Retry-After
+MAX_RETRY_AFTER_S = 30.0  # a larger Retry-After is cut to this, so an answer is never held for long
 
 
 def escape(text: str) -> str:
@@ -45,18 +54,101 @@ def failure_note(reason: str) -> str:
     return f":warning: {escape(reason)}"
 
 
-async def call_slack(method: str, call: Awaitable[Any]) -> Any | None:
-    """Await one Web API call; on failure log it without secrets and return None.
+def incomplete_note(reason: str) -> str:
+    return f"Slack refused part of this answer ({reason}); part of it may be missing."
 
-    429s never get here: the client's ``AsyncRateLimitErrorRetryHandler`` retries them.
-    """
+
+class TransientRetryHandler(AsyncRetryHandler):
+    """Retries what may succeed later: 5xx (whatever the body), 429 or ``ratelimited``, connection
+    errors and timeouts, honouring Retry-After. Other refusals (``msg_too_long``) are final."""
+
+    def __init__(self) -> None:
+        super().__init__(max_retry_count=MAX_RETRIES)
+
+    async def _can_retry_async(
+        self,
+        *,
+        state: RetryState,
+        request: HttpRequest,
+        response: HttpResponse | None = None,
+        error: Exception | None = None,
+    ) -> bool:
+        if isinstance(error, SlackApiError):  # a JSON content type with a body that is not JSON
+            return _is_transient(getattr(error.response, "status", None), None)
+        if error is not None:
+            return isinstance(error, aiohttp.ClientConnectionError | TimeoutError)
+        return response is not None and _is_transient(response.status_code, response.body)
+
+    async def prepare_for_next_attempt_async(
+        self,
+        *,
+        state: RetryState,
+        request: HttpRequest,
+        response: HttpResponse | None = None,
+        error: Exception | None = None,
+    ) -> None:
+        state.next_attempt_requested = True
+        delay = _retry_after(response.headers) if response is not None else None
+        await asyncio.sleep(RETRY_BASE_S * 2**state.current_attempt if delay is None else delay)
+        state.increment_current_attempt()
+
+
+def _is_transient(status: object, body: Mapping[str, Any] | None) -> bool:
+    if not isinstance(status, int):
+        return False
+    return status >= 500 or status == 429 or (body is not None and body.get("error") == "ratelimited")
+
+
+def _retry_after(headers: Mapping[str, list[str] | str]) -> float | None:
+    for name, values in headers.items():
+        if name.lower() == "retry-after":
+            value = values[0] if isinstance(values, list) else values
+            try:
+                return min(max(float(value), 0.0), MAX_RETRY_AFTER_S)
+            except ValueError:
+                return None  # an HTTP-date or junk: fall back to the backoff
+    return None
+
+
+@dataclass(frozen=True)
+class SlackFailure:
+    """Why a call failed, in words fit for the log and the user: never a token or a body."""
+
+    reason: str
+
+
+async def try_slack(method: str, call: Awaitable[Any]) -> Any | SlackFailure:
+    """Await one Web API call (retried inside the client); on failure log one line and return why."""
     try:
         return await call
     except SlackApiError as error:
-        log.warning("Slack %s failed: %s", method, error.response.get("error", error.response.status_code))
+        failure = SlackFailure(_api_error_reason(error.response))
     except (aiohttp.ClientError, TimeoutError) as error:
-        log.warning("Slack %s failed: %s", method, type(error).__name__)
-    return None
+        failure = SlackFailure(f"no response: {type(error).__name__}")
+    except AttributeError:
+        # slack_sdk's own check of a 200 with a text/plain body calls .get on the str.
+        failure = SlackFailure("non-JSON body")
+    log.warning("Slack %s failed: %s", method, failure.reason)
+    return failure
+
+
+async def call_slack(method: str, call: Awaitable[Any]) -> Any | None:
+    """Like ``try_slack``, but None on failure, for callers that only need to know whether."""
+    result = await try_slack(method, call)
+    return None if isinstance(result, SlackFailure) else result
+
+
+def _api_error_reason(response: object) -> str:
+    # An AsyncSlackResponse whose data is a dict, a str (text/plain) or {} (any other non-JSON
+    # content type), or for a JSON content type whose body did not parse, the aiohttp response.
+    status = getattr(response, "status_code", getattr(response, "status", None))
+    data = getattr(response, "data", None)
+    if not isinstance(data, Mapping) or not data:
+        detail = "non-JSON body"
+    else:
+        code = data.get("error")
+        detail = f"error: {code}" if isinstance(code, str) and code else "no error code"
+    return detail if status == 200 else f"HTTP {status}, {detail}"
 
 
 class SlackReply:
@@ -77,6 +169,7 @@ class SlackReply:
         self._messages: list[tuple[str, str]] = []  # (ts, escaped text shown) of each message
         self._last_write = -float("inf")
         self._shown_text = False  # whether any model text has replaced the placeholder
+        self._refused: SlackFailure | None = None  # the latest write Slack refused, for the note
 
     async def begin(self) -> None:
         await self._post(PLACEHOLDER)
@@ -91,8 +184,8 @@ class SlackReply:
         wait = self._min_interval - (time.monotonic() - self._last_write)
         if wait > 0:
             await asyncio.sleep(wait)
-        if not await self._show(text):
-            await self._post(failure_note(INCOMPLETE))
+        if not await self._show(text) and self._refused is not None:
+            await self._post(failure_note(incomplete_note(self._refused.reason)))
 
     async def fail(self, reason: str) -> None:
         note = failure_note(reason)
@@ -116,7 +209,7 @@ class SlackReply:
 
     async def _post(self, text: str) -> bool:
         self._last_write = time.monotonic()
-        response = await call_slack(
+        response = await self._write(
             "chat.postMessage",
             self._client.chat_postMessage(
                 channel=self._channel,
@@ -126,7 +219,10 @@ class SlackReply:
                 unfurl_media=False,
             ),
         )
-        if response is None or not isinstance(response.get("ts"), str):
+        if response is None:
+            return False
+        if not isinstance(response.get("ts"), str):
+            self._refused = SlackFailure("no message ts in the response")
             return False
         self._messages.append((response["ts"], text))
         return True
@@ -134,13 +230,19 @@ class SlackReply:
     async def _edit(self, index: int, text: str) -> bool:
         self._last_write = time.monotonic()
         ts = self._messages[index][0]
-        response = await call_slack(
-            "chat.update", self._client.chat_update(channel=self._channel, ts=ts, text=text)
-        )
+        editing = self._client.chat_update(channel=self._channel, ts=ts, text=text)
+        response = await self._write("chat.update", editing)
         if response is None:
             return False
         self._messages[index] = (ts, text)
         return True
+
+    async def _write(self, method: str, call: Awaitable[Any]) -> Any | None:
+        result = await try_slack(method, call)
+        if isinstance(result, SlackFailure):
+            self._refused = result
+            return None
+        return result
 
 
 Respond = Callable[..., Awaitable[Any]]

@@ -51,8 +51,9 @@ class FakeSlack:
         self.responses: list[dict[str, Any]] = []  # what slash commands sent to response_url
         self.acks: dict[str, float] = {}  # Socket Mode envelope_id -> when its ack arrived
         self.acks_payload: dict[str, Any] = {}
-        # method -> queued (status, body, headers) answers that replace the normal one
-        self.failures: dict[str, list[tuple[int, dict[str, Any], dict[str, str]]]] = {}
+        # method -> queued (status, body, headers) answers that replace the normal one; a str body
+        # is sent as is, with the headers' Content-Type (a proxy's text/plain or HTML error page)
+        self.failures: dict[str, list[tuple[int, dict[str, Any] | str, dict[str, str]]]] = {}
         self.socket: web.WebSocketResponse | None = None
         self._ts = itertools.count(1)
         self._changed = asyncio.Condition()
@@ -170,6 +171,8 @@ class FakeSlack:
         try:
             if self.failures.get(method):
                 status, body, headers = self.failures[method].pop(0)
+                if isinstance(body, str):
+                    return web.Response(body=body.encode(), status=status, headers=headers)
                 return web.json_response(body, status=status, headers=headers)
             return web.json_response(self._answer(method, params, token))
         finally:
@@ -272,9 +275,10 @@ def message(
     return event
 
 
-def sign(body: str, *, secret: str = SIGNING_SECRET, timestamp: int | None = None) -> dict[str, str]:
+def sign(body: str | bytes, *, secret: str = SIGNING_SECRET, timestamp: int | None = None) -> dict[str, str]:
     ts = str(int(time.time()) if timestamp is None else timestamp)
-    digest = hmac.new(secret.encode(), f"v0:{ts}:{body}".encode(), hashlib.sha256).hexdigest()
+    raw = body.encode() if isinstance(body, str) else body
+    digest = hmac.new(secret.encode(), b"v0:%s:%s" % (ts.encode(), raw), hashlib.sha256).hexdigest()
     return {
         "X-Slack-Request-Timestamp": ts,
         "X-Slack-Signature": f"v0={digest}",

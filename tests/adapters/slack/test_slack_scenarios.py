@@ -21,7 +21,7 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from adapters import slack_adapter
+from adapters import slack_adapter, slack_reply
 from adapters.slack_adapter import SLASH_COMMAND, SlackAdapter
 from adapters.slack_reply import MESSAGE_BYTES, PLACEHOLDER, escape
 from bot.config import ConfigError
@@ -271,14 +271,77 @@ async def test_bad_or_stale_signatures_get_401_and_reach_nothing(
         assert answers_to(rig.stack.generator, "forged") == 0
 
 
+@pytest.mark.parametrize("raw", [b"\xff\xfe not utf-8", b"{not json"], ids=["non-utf8", "bad-json"])
+async def test_a_bad_signature_is_401_before_the_body_is_parsed(
+    tmp_path: Path, fake: FakeSlack, raw: bytes
+) -> None:
+    async with slack_rig(tmp_path, fake) as rig:
+        assert rig.http is not None
+        calls_before = len(fake.calls)
+        headers = sign(raw, secret="wrong-secret")
+        response = await rig.http.post("/slack/events", data=raw, headers=headers)
+        assert response.status == 401
+        assert len(fake.calls) == calls_before
+
+
+@pytest.mark.parametrize(
+    "timestamp", ["soon", "", "１２３", None], ids=["word", "empty", "wide-digits", "missing"]
+)
+async def test_a_non_numeric_or_missing_timestamp_is_401(
+    tmp_path: Path, fake: FakeSlack, timestamp: str | None
+) -> None:
+    async with slack_rig(tmp_path, fake) as rig:
+        body = event_body(mention("odd clock"))
+        headers = sign(json.dumps(body))
+        del headers["X-Slack-Request-Timestamp"]
+        if timestamp is not None:
+            headers["X-Slack-Request-Timestamp"] = timestamp
+        status, _ = await rig.post(body, headers=headers)
+        assert status == 401
+        await barrier(rig)
+        assert answers_to(rig.stack.generator, "odd clock") == 0
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(
+            event_body({"type": "reaction_added", "user": "U1", "reaction": "wave", "event_ts": "1.2"}),
+            id="unknown-event-type",
+        ),
+        pytest.param(
+            {
+                "token": "t",
+                "type": "app_rate_limited",
+                "team_id": "T1",
+                "minute_rate_limited": 1,
+                "api_app_id": "A1",
+            },
+            id="app_rate_limited",
+        ),
+    ],
+)
+async def test_unhandled_callbacks_get_200_and_are_ignored(
+    tmp_path: Path, fake: FakeSlack, caplog: pytest.LogCaptureFixture, mode: str, body: dict[str, object]
+) -> None:
+    caplog.set_level(logging.DEBUG, logger=slack_adapter.__name__)
+    async with slack_rig(tmp_path, fake, socket_mode=mode == "socket") as rig:
+        writes_before = len(fake.writes)
+        await deliver(rig, body)  # asserts the 200 (or, in Socket Mode, the ack)
+        await barrier(rig)
+        assert len(fake.writes) - writes_before == 2  # the barrier's placeholder and final edit
+    ignored = [r for r in caplog.records if "no listener handles" in r.getMessage()]
+    assert [r.levelno for r in ignored] == [logging.DEBUG]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "nhandled" in r.getMessage()]
+
+
 async def test_malformed_bodies_get_a_clear_400(tmp_path: Path, fake: FakeSlack) -> None:
     async with slack_rig(tmp_path, fake) as rig:
         assert rig.http is not None
         for raw in (b"\xff\xfe not utf-8", b"{not json"):
-            text = raw.decode("latin-1")
-            headers = sign(text)  # even a validly signed body
-            response = await rig.http.post("/slack/events", data=raw, headers=headers)
-            assert response.status == 400
+            response = await rig.http.post("/slack/events", data=raw, headers=sign(raw))
+            assert response.status == 400  # even a validly signed body
+            assert (await response.text()).startswith("malformed request: body is not")
         await barrier(rig)
 
 
@@ -462,6 +525,27 @@ async def test_slash_prompt_is_quoted_and_answered_in_the_quotes_thread(
         assert fake.thread_text("C1", quote.ts) == ["Answer 1 to: what is &lt;b&gt;?"]
 
 
+@pytest.mark.usefixtures("quick_retries")
+@pytest.mark.parametrize(
+    ("failure", "said"),
+    [
+        ((200, {"ok": False, "error": "not_in_channel"}, {}), "Invite me first"),
+        ((502, "Bad Gateway", {"Content-Type": "text/plain"}), "(HTTP 502, non-JSON body)"),
+    ],
+    ids=["not-in-channel", "bad-gateway"],
+)
+async def test_a_refused_slash_quote_is_explained_truthfully(
+    tmp_path: Path, fake: FakeSlack, failure: tuple[int, dict[str, object] | str, dict[str, str]], said: str
+) -> None:
+    fake.failures["chat.postMessage"] = [failure] * 10
+    async with slack_rig(tmp_path, fake) as rig:
+        await run_command(rig, "hello?")
+        await fake.wait_for(lambda: len(fake.responses) == 1)
+        [response] = fake.responses
+        assert response["text"].startswith(":warning:") and said in response["text"]
+        assert ("Invite me first" in response["text"]) is (said == "Invite me first")
+
+
 # --- Web API errors -----------------------------------------------------------------------------
 
 
@@ -489,15 +573,80 @@ async def test_web_api_errors_are_logged_without_tokens_and_the_bot_goes_on(
         assert secret not in caplog.text
 
 
-async def test_a_refused_final_edit_leaves_a_failure_note(tmp_path: Path, fake: FakeSlack) -> None:
-    fake.failures["chat.update"] = [(200, {"ok": False, "error": "edit_window_closed"}, {})] * 50
-    async with slack_rig(tmp_path, fake) as rig:
+async def test_a_refused_final_edit_leaves_a_truthful_note(tmp_path: Path, fake: FakeSlack) -> None:
+    fake.failures["chat.update"] = [(200, {"ok": False, "error": "msg_too_long"}, {})] * 50
+    # An interval longer than the answer takes: no streamed edit, only the final one.
+    async with slack_rig(tmp_path, fake, edit_interval=1.0) as rig:
         event = mention("uneditable")
         await deliver(rig, event_body(event))
         await fake.wait_for(lambda: len(fake.thread("C1", event["ts"])) == 2)
         placeholder, note = fake.thread_text("C1", event["ts"])
         assert placeholder == PLACEHOLDER
-        assert note.startswith(":warning:") and "missing" in note
+        assert (
+            note
+            == ":warning: Slack refused part of this answer (error: msg_too_long); part of it may be missing."
+        )
+        assert len(fake.calls_to("chat.update")) == 1  # a permanent refusal is not retried
+
+
+async def test_a_text_plain_200_on_the_final_edit_gives_a_note_not_a_crash(
+    tmp_path: Path, fake: FakeSlack
+) -> None:
+    fake.failures["chat.update"] = [(200, "ok", {"Content-Type": "text/plain"})] * 50
+    async with slack_rig(tmp_path, fake, edit_interval=1.0) as rig:  # only the final edit
+        event = mention("plain ok")
+        await deliver(rig, event_body(event))
+        await fake.wait_for(lambda: len(fake.thread("C1", event["ts"])) == 2)
+        placeholder, note = fake.thread_text("C1", event["ts"])
+        assert placeholder == PLACEHOLDER
+        assert note.startswith(":warning: Slack refused part of this answer (non-JSON body);")
+
+
+@pytest.fixture
+def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(slack_reply, "RETRY_BASE_S", 0.01)
+
+
+@pytest.mark.usefixtures("quick_retries")
+async def test_a_text_plain_502_on_an_edit_is_retried_and_the_answer_completes(
+    tmp_path: Path, fake: FakeSlack
+) -> None:
+    fake.failures["chat.update"] = [(502, "Bad Gateway", {"Content-Type": "text/plain"})]
+    async with slack_rig(tmp_path, fake) as rig:
+        event = mention("through a proxy")
+        await deliver(rig, event_body(event))
+        await fake.wait_for(lambda: answered(fake, "C1", event["ts"], "Answer 1 to: through a proxy"))
+        await barrier(rig)
+        assert fake.thread_text("C1", event["ts"]) == ["Answer 1 to: through a proxy"]
+        first, second = fake.calls_to("chat.update")[:2]
+        assert first.params == second.params  # the refused edit, sent again
+
+
+@pytest.mark.usefixtures("quick_retries")
+@pytest.mark.parametrize("content_type", ["text/html", "text/plain", "application/json"])
+async def test_a_permanent_non_json_500_gives_one_note_and_the_bot_goes_on(
+    tmp_path: Path, fake: FakeSlack, caplog: pytest.LogCaptureFixture, content_type: str
+) -> None:
+    page = "<html><body><h1>500 Internal Server Error</h1></body></html>"
+    fake.failures["chat.update"] = [(500, page, {"Content-Type": content_type})] * 100
+    caplog.set_level(logging.WARNING, logger=slack_reply.__name__)
+    async with slack_rig(tmp_path, fake) as rig:
+        event = mention("doomed")
+        await deliver(rig, event_body(event))
+        await fake.wait_for(lambda: len(fake.thread("C1", event["ts"])) == 2)
+        placeholder, note = fake.thread_text("C1", event["ts"])
+        assert placeholder == PLACEHOLDER
+        assert note.startswith(":warning: Slack refused part of this answer (HTTP 500, non-JSON body);")
+        attempts = len(fake.calls_to("chat.update"))
+        assert attempts % (slack_reply.MAX_RETRIES + 1) == 0  # every edit: bounded attempts, then given up
+
+        fake.failures["chat.update"].clear()
+        await barrier(rig)
+        assert len(fake.thread("C1", event["ts"])) == 2  # still exactly one note
+    failures = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert failures and set(failures) == {"Slack chat.update failed: HTTP 500, non-JSON body"}
+    assert len(failures) == attempts // (slack_reply.MAX_RETRIES + 1)  # one line per failed edit, not per try
+    assert BOT_TOKEN not in caplog.text
 
 
 async def test_a_failed_generation_turns_the_placeholder_into_a_short_note(
