@@ -27,6 +27,7 @@ from slack_sdk.http_retry.state import RetryState
 from slack_sdk.web.async_client import AsyncWebClient
 
 from adapters.text import split_message
+from bot import metrics
 
 log = logging.getLogger(__name__)
 
@@ -119,16 +120,20 @@ class SlackFailure:
 
 async def try_slack(method: str, call: Awaitable[Any]) -> Any | SlackFailure:
     """Await one Web API call (retried inside the client); on failure log one line and return why."""
+    status: object = 0  # no HTTP answer at all
     try:
         return await call
     except SlackApiError as error:
         failure = SlackFailure(_api_error_reason(error.response))
+        status = getattr(error.response, "status_code", getattr(error.response, "status", 0))
     except (aiohttp.ClientError, TimeoutError) as error:
         failure = SlackFailure(f"no response: {type(error).__name__}")
     except AttributeError:
         # slack_sdk's own check of a 200 with a text/plain body calls .get on the str.
         failure = SlackFailure("non-JSON body")
+        status = 200
     log.warning("Slack %s failed: %s", method, failure.reason)
+    metrics.PLATFORM_API_ERRORS.labels("slack", method, str(status)).inc()
     return failure
 
 

@@ -24,6 +24,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from adapters import slack_adapter, slack_reply
 from adapters.slack_adapter import SLASH_COMMAND, SlackAdapter
 from adapters.slack_reply import MESSAGE_BYTES, PLACEHOLDER, escape
+from bot import metrics
 from bot.config import ConfigError
 from bot.events import ChannelRef
 from bot.generation import GenerationRequest
@@ -629,6 +630,8 @@ async def test_a_permanent_non_json_500_gives_one_note_and_the_bot_goes_on(
 ) -> None:
     page = "<html><body><h1>500 Internal Server Error</h1></body></html>"
     fake.failures["chat.update"] = [(500, page, {"Content-Type": content_type})] * 100
+    counted = metrics.PLATFORM_API_ERRORS.labels("slack", "chat.update", "500")
+    before = counted._value.get()
     caplog.set_level(logging.WARNING, logger=slack_reply.__name__)
     async with slack_rig(tmp_path, fake) as rig:
         event = mention("doomed")
@@ -646,6 +649,7 @@ async def test_a_permanent_non_json_500_gives_one_note_and_the_bot_goes_on(
     failures = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert failures and set(failures) == {"Slack chat.update failed: HTTP 500, non-JSON body"}
     assert len(failures) == attempts // (slack_reply.MAX_RETRIES + 1)  # one line per failed edit, not per try
+    assert counted._value.get() - before == len(failures)  # chatglm_bot_platform_api_errors_total
     assert BOT_TOKEN not in caplog.text
 
 
