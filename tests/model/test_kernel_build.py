@@ -183,6 +183,17 @@ def test_a_failed_build_leaves_nothing_in_the_cache(monkeypatch: pytest.MonkeyPa
     assert [path.suffix for path in tmp_path.iterdir()] == [".lock"]
 
 
+def test_a_cache_folder_without_its_library_is_rebuilt(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    fake = FakeBuild(monkeypatch)
+    directory = native.build_dir(tmp_path, compiler_version())
+    directory.mkdir()
+    (directory / "build.ninja").write_text("")
+    module, _ = native._load(tmp_path)
+    assert module is not None and fake.compiled and not (directory / "build.ninja").exists()
+
+
 def test_two_checkouts_share_one_cache_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     key = native.build_dir(tmp_path, "g++ 12")
     copy = tmp_path / "other-checkout"

@@ -234,6 +234,7 @@ def _build_into_cache(name: str, directory: Path) -> str:
     started = time.monotonic()
     try:
         _compile(name, temporary)
+        shutil.rmtree(directory, ignore_errors=True)  # a folder without the .so (deleted by hand) is no build
         os.rename(temporary, directory)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
