@@ -6,6 +6,7 @@ these tests run in seconds; test_kernels.py builds and loads the real kernel."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -181,6 +182,58 @@ def test_a_failed_build_leaves_nothing_in_the_cache(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(native, "_compile", broken)
     assert native._load(tmp_path) == (None, "build failed: out of memory")
     assert [path.suffix for path in tmp_path.iterdir()] == [".lock"]
+
+
+def test_the_compile_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
+    """A builder killed mid-compile (kill -9) leaves no compiler running beside the next start's build."""
+    script = (
+        "import sys, threading; from pathlib import Path; from bot.model.kernels import native;"
+        "native._BUILD_SCRIPT = 'import subprocess; subprocess.run([\\'sleep\\', \\'600\\'])';"
+        "threading.Thread(target=native._compile, args=('x', Path(sys.argv[1])), daemon=True).start();"
+        "import time; time.sleep(600)"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], cwd=REPO)
+    sleeper = None
+    try:
+        deadline = time.monotonic() + 60
+        while not (sleeper := _descendant_sleep(parent.pid)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert sleeper, "the build child never started"
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while _alive(sleeper) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(sleeper)  # the build's grandchild (as ninja's compilers) died too
+    finally:
+        parent.kill()
+        if sleeper and _alive(sleeper):
+            os.kill(sleeper, signal.SIGKILL)
+
+
+def _descendant_sleep(pid: int) -> int | None:
+    """The pid of a ``sleep`` process below ``pid`` (two levels: the build child, then its child)."""
+    for child in _children(pid):
+        for grandchild in _children(child):
+            if Path(f"/proc/{grandchild}/comm").read_text().strip() == "sleep":
+                return grandchild
+    return None
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):  # every thread's: the build is started off the main one
+        with contextlib.suppress(OSError):  # a thread that just ended
+            children += [int(part) for part in (task / "children").read_text().split()]
+    return children
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 def test_a_cache_folder_without_its_library_is_rebuilt(

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -199,28 +200,44 @@ def _import(name: str, library: Path) -> ModuleType:
     return module
 
 
+# The build child's prelude: when this process dies (its stdin pipe closes), the child kills its own
+# process group, so ninja and the compilers do not run on as orphans beside the next start's build.
+_WATCHDOG = (
+    "import os, signal, sys, threading;"
+    "threading.Thread(target=lambda: (sys.stdin.read(), os.killpg(0, signal.SIGKILL)), daemon=True).start();"
+)
+_BUILD_SCRIPT = (
+    "import json; from torch.utils import cpp_extension;"
+    "name, sources, cflags, ldflags, directory = json.loads(sys.argv[1]);"
+    "cpp_extension.load(name=name, sources=sources, extra_cflags=cflags, extra_ldflags=ldflags,"
+    " build_directory=directory, verbose=False)"
+)
+
+
 def _compile(name: str, directory: Path) -> None:
-    """Builds ``<directory>/<name>.so`` in a child process, so this process only ever imports a
-    finished build from its final place (torch's JIT loader would import it from ``directory``)."""
-    script = (
-        "import json, sys; from torch.utils import cpp_extension;"
-        "name, sources, cflags, ldflags, directory = json.loads(sys.argv[1]);"
-        "cpp_extension.load(name=name, sources=sources, extra_cflags=cflags, extra_ldflags=ldflags,"
-        " build_directory=directory, verbose=False)"
-    )
+    """Builds ``<directory>/<name>.so`` in a child process (its own process group, which dies with this
+    process), so this process only ever imports a finished build from its final place."""
     args = [name, [str(source) for source in SOURCES], list(_CFLAGS), list(_LDFLAGS), str(directory)]
-    try:
-        subprocess.run(
-            [sys.executable, "-c", script, json.dumps(args)],
-            capture_output=True,
-            text=True,
-            timeout=_COMPILE_TIMEOUT_S,
-            check=True,
+    log = directory / "build.log"
+    with log.open("w") as output:
+        child = subprocess.Popen(
+            [sys.executable, "-c", _WATCHDOG + _BUILD_SCRIPT, json.dumps(args)],
+            stdin=subprocess.PIPE,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
-    except subprocess.CalledProcessError as exc:
-        raise _Unavailable(f"build failed: {exc.stderr.strip()[-500:]}") from exc
-    except subprocess.TimeoutExpired as exc:
-        raise _Unavailable(f"build took over {_COMPILE_TIMEOUT_S} s") from exc
+        try:
+            code = child.wait(timeout=_COMPILE_TIMEOUT_S)
+        except subprocess.TimeoutExpired as exc:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+            raise _Unavailable(f"build took over {_COMPILE_TIMEOUT_S} s") from exc
+        finally:
+            assert child.stdin is not None
+            child.stdin.close()
+    if code != 0:
+        raise _Unavailable(f"build failed: {log.read_text(errors='replace').strip()[-500:]}")
 
 
 def _build_into_cache(name: str, directory: Path) -> str:
