@@ -150,8 +150,8 @@ def test_a_waiter_uses_the_build_the_other_process_finished(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     fake = FakeBuild(monkeypatch)
-    lock = lock_path(tmp_path)
-    child = hold_lock(lock)
+    monkeypatch.setenv("BOT_KERNEL_BUILD_WAIT_S", "30")
+    child = hold_lock(lock_path(tmp_path))
     directory = native.build_dir(tmp_path, compiler_version())
 
     def finish() -> None:  # what the other process does when its compile ends: rename, then unlock
