@@ -65,9 +65,12 @@ def model_factory(settings: Settings) -> GeneratorFactory:
 
     def load() -> Generator:
         from bot.model.chat import ChatGLM2Generator
+        from bot.model.kernels import native
         from bot.model.loader import ModelLoadError
         from bot.model.threads import default_threads
 
+        # int4_kernel=torch must not compile anything: the decode attention would otherwise build it.
+        native.configure(enabled=settings.int4_kernel != "torch")
         try:
             return ChatGLM2Generator.load(
                 settings.model_path,

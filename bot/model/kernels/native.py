@@ -4,11 +4,13 @@ The kernel has two instruction-set paths over one weight layout, picked at compi
 AVX512-VNNI (VPDPBUSD) and AVX2 (VPMADDUBSW + VPMADDWD); both compute the same integer sums. Where the
 CPU (and the OS) also has AMX-INT8, calls of many token rows (prefill) go through its tiles, again with
 the same integer sums and the same float steps, so results do not depend on the route (``set_amx``). It is
-compiled on first use with torch.utils.cpp_extension (gcc -O3 -march=native -fopenmp) into a cache
-directory keyed by the source, the CPU flags, torch's version, the compiler and the flags, so later
-processes only load it. Where there is no compiler, no ninja or neither instruction set, or the kernel
-is disabled, ``int4_linear`` computes the exact float32 reference ``x @ (q * scale).T`` instead; which
-of them runs is logged once.
+compiled on first use with torch.utils.cpp_extension (gcc -O3 -march=native -fopenmp), in a child
+process, into a temporary folder renamed into a cache directory keyed by the sources' content, the CPU
+flags, torch's and Python's versions, the compiler and the flags, so later processes only import it (no
+lock). Builders take an flock, which dies with its holder; a process waits for another's build
+``BOT_KERNEL_BUILD_WAIT_S`` at most, then falls back. Where there is no compiler, no ninja or neither
+instruction set, or the kernel is disabled, ``int4_linear`` computes the exact float32 reference
+``x @ (q * scale).T`` instead; which of them runs is logged once.
 
 The same module holds the decode attention (attention.cpp) and the small per-token steps of a bfloat16
 forward (pointwise.cpp: RMSNorm, SwiGLU, RoPE with the cache write), which the model uses where the
@@ -17,14 +19,20 @@ module is built (``ChatGLM2.use_native_ops``).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import importlib.util
+import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -48,6 +56,9 @@ ATTENTION_DIM_MULTIPLE = 16  # decode_attention's shapes (attention.cpp: kChunk,
 ATTENTION_MAX_HEADS_PER_GROUP = 16
 _CFLAGS = ("-O3", "-march=native", "-fopenmp")
 _LDFLAGS = ("-fopenmp",)
+BUILD_WAIT_S = 300.0  # default wait for another process's build (a first build takes ~1-2 min)
+_LOCK_POLL_S = 0.25
+_COMPILE_TIMEOUT_S = 1800
 _CHUNK_ROWS = 4096  # rows converted at once, so packing or the fallback never holds a whole fp32 matrix
 
 
@@ -127,17 +138,124 @@ def cpu_flags() -> frozenset[str]:
 
 
 def build_dir(cache_dir: Path, compiler_version: str) -> Path:
+    """The build's cache folder, keyed by what the .so depends on: the sources' content (not their
+    path, so checkouts of the same code share one build), the CPU, torch, Python, compiler and flags."""
     digest = hashlib.sha256()
     for part in (
         *(source.read_bytes() for source in SOURCES + HEADERS),
         " ".join(sorted(cpu_flags())).encode(),
         torch.__version__.encode(),
+        sys.implementation.cache_tag.encode(),
         compiler_version.encode(),
         " ".join(_CFLAGS + _LDFLAGS).encode(),
     ):
         digest.update(part)
         digest.update(b"\0")
     return cache_dir / f"int4_native-{digest.hexdigest()[:16]}"
+
+
+def build_wait_s() -> float:
+    """How long to wait for another process's build before falling back (``BOT_KERNEL_BUILD_WAIT_S``)."""
+    raw = os.environ.get("BOT_KERNEL_BUILD_WAIT_S", "")
+    try:
+        return float(raw) if raw else BUILD_WAIT_S
+    except ValueError:
+        logger.warning("BOT_KERNEL_BUILD_WAIT_S=%r is not a number; waiting %.0f s", raw, BUILD_WAIT_S)
+        return BUILD_WAIT_S
+
+
+@contextmanager
+def _build_lock(path: Path, wait_s: float) -> Iterator[None]:
+    """An exclusive flock on ``path``: the kernel releases it when its holder exits or dies (kill -9,
+    OOM), so a dead builder never blocks a later start, and a live one is waited for ``wait_s`` at most."""
+    with path.open("a") as handle:
+        deadline = None
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if deadline is None:
+                    logger.info("waiting for another process building the kernel (up to %.0f s)", wait_s)
+                    deadline = time.monotonic() + wait_s
+                elif time.monotonic() >= deadline:
+                    raise _Unavailable(
+                        f"another process has been building the kernel for over {wait_s:.0f} s "
+                        f"(lock {path}; BOT_KERNEL_BUILD_WAIT_S sets the wait)"
+                    ) from None
+                time.sleep(_LOCK_POLL_S)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _import(name: str, library: Path) -> ModuleType:
+    """Imports a finished build directly (no torch JIT loader, so no lock or rebuild check)."""
+    spec = importlib.util.spec_from_file_location(name, library)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {library}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# The build child's prelude: when this process dies (its stdin pipe closes), the child kills its own
+# process group, so ninja and the compilers do not run on as orphans beside the next start's build.
+_WATCHDOG = (
+    "import os, signal, sys, threading;"
+    "threading.Thread(target=lambda: (sys.stdin.read(), os.killpg(0, signal.SIGKILL)), daemon=True).start();"
+)
+_BUILD_SCRIPT = (
+    "import json; from torch.utils import cpp_extension;"
+    "name, sources, cflags, ldflags, directory = json.loads(sys.argv[1]);"
+    "cpp_extension.load(name=name, sources=sources, extra_cflags=cflags, extra_ldflags=ldflags,"
+    " build_directory=directory, verbose=False)"
+)
+
+
+def _compile(name: str, directory: Path) -> None:
+    """Builds ``<directory>/<name>.so`` in a child process (its own process group, which dies with this
+    process), so this process only ever imports a finished build from its final place."""
+    args = [name, [str(source) for source in SOURCES], list(_CFLAGS), list(_LDFLAGS), str(directory)]
+    log = directory / "build.log"
+    with log.open("w") as output:
+        child = subprocess.Popen(
+            [sys.executable, "-c", _WATCHDOG + _BUILD_SCRIPT, json.dumps(args)],
+            stdin=subprocess.PIPE,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            code = child.wait(timeout=_COMPILE_TIMEOUT_S)
+        except subprocess.TimeoutExpired as exc:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+            raise _Unavailable(f"build took over {_COMPILE_TIMEOUT_S} s") from exc
+        finally:
+            assert child.stdin is not None
+            child.stdin.close()
+    if code != 0:
+        raise _Unavailable(f"build failed: {log.read_text(errors='replace').strip()[-500:]}")
+
+
+def _build_into_cache(name: str, directory: Path) -> str:
+    """Builds into a temporary folder beside ``directory`` and renames it into place, so a build cut
+    short (killed, out of memory, out of disk) is never found in the cache. The caller holds the lock."""
+    for stale in directory.parent.glob(f"{directory.name}.tmp-*"):  # left by a builder that died
+        shutil.rmtree(stale, ignore_errors=True)
+    temporary = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
+    temporary.mkdir()
+    logger.info("compiling the int4 kernel (first start, ~1-2 min) into %s", directory)
+    started = time.monotonic()
+    try:
+        _compile(name, temporary)
+        shutil.rmtree(directory, ignore_errors=True)  # a folder without the .so (deleted by hand) is no build
+        os.rename(temporary, directory)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    return f"compiled in {time.monotonic() - started:.0f} s"
 
 
 def _load(cache_dir: Path) -> tuple[ModuleType | None, str]:
@@ -169,6 +287,40 @@ def _build(cache_dir: Path) -> tuple[ModuleType, str]:
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         raise _Unavailable(f"no C++ compiler ({compiler})")
+    try:
+        version = subprocess.run(
+            [compiler, "--version"], capture_output=True, text=True, timeout=60, check=True
+        ).stdout.partition("\n")[0]
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise _Unavailable(f"compiler {compiler} --version failed: {exc}") from exc
+    directory = build_dir(cache_dir, version)
+    name = f"chatglm_int4_{directory.name.removeprefix('int4_native-')}"
+    library = directory / f"{name}.so"
+    if library.exists():  # a finished build (only ever renamed into place whole): no lock, no wait
+        how = "loaded from cache"
+    else:
+        _check_ninja()
+        try:
+            directory.parent.mkdir(parents=True, exist_ok=True)
+            with _build_lock(directory.with_name(f"{directory.name}.lock"), build_wait_s()):
+                how = (
+                    "built by another process meanwhile"
+                    if library.exists()
+                    else _build_into_cache(name, directory)
+                )
+        except OSError as exc:
+            raise _Unavailable(f"cannot build into {cache_dir}: {exc}") from exc
+    try:
+        module = _import(name, library)
+    except ImportError as exc:
+        raise _Unavailable(f"cannot load {library}: {exc}") from exc
+    if module.isa != isa:  # -march=native disagreeing with /proc/cpuinfo: a stale or foreign build
+        raise _Unavailable(f"built for {module.isa}, expected {isa}")
+    _self_test(module)
+    return module, f"{how}, {directory}"
+
+
+def _check_ninja() -> None:
     from torch.utils import cpp_extension
 
     # The ninja PyPI package installs its binary beside this interpreter, which need not be on PATH.
@@ -177,30 +329,6 @@ def _build(cache_dir: Path) -> tuple[ModuleType, str]:
         os.environ["PATH"] = os.pathsep.join((bin_dir, os.environ.get("PATH", "")))
     if not cpp_extension.is_ninja_available():
         raise _Unavailable("ninja is not installed")
-    try:
-        version = subprocess.run(
-            [compiler, "--version"], capture_output=True, text=True, timeout=60, check=True
-        ).stdout.partition("\n")[0]
-        directory = build_dir(cache_dir, version)
-        directory.mkdir(parents=True, exist_ok=True)
-        name = f"chatglm_int4_{directory.name.removeprefix('int4_native-')}"
-        cached = (directory / f"{name}.so").exists()
-        started = time.monotonic()
-        module = cpp_extension.load(
-            name=name,
-            sources=[str(source) for source in SOURCES],
-            extra_cflags=list(_CFLAGS),
-            extra_ldflags=list(_LDFLAGS),
-            build_directory=str(directory),
-            verbose=False,
-        )
-    except Exception as exc:  # compiler errors surface as several exception types; all mean "no kernel"
-        raise _Unavailable(f"build failed: {str(exc).strip()[-500:]}") from exc
-    if module.isa != isa:  # -march=native disagreeing with /proc/cpuinfo: a stale or foreign build
-        raise _Unavailable(f"built for {module.isa}, expected {isa}")
-    _self_test(module)
-    how = "loaded from cache" if cached else f"compiled in {time.monotonic() - started:.0f} s"
-    return module, f"{how}, {directory}"
 
 
 def _self_test(module: Any) -> None:
