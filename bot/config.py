@@ -173,9 +173,13 @@ def secret_values(settings: Settings) -> list[str]:
     return [field.get_secret_value() for field in fields if field is not None]
 
 
+# Read where they are used, before any Settings exist (the native kernel's build wait).
+OTHER_ENV_NAMES = frozenset({"BOT_KERNEL_BUILD_WAIT_S"})
+
+
 def env_names() -> frozenset[str]:
     """Every environment variable a setting is read from (``BOT_*`` and the platforms' own names)."""
-    names: set[str] = set()
+    names: set[str] = set(OTHER_ENV_NAMES)
     for name, field in Settings.model_fields.items():
         alias = field.validation_alias
         if isinstance(alias, AliasChoices):

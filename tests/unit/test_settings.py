@@ -56,3 +56,7 @@ def test_load_settings_prints_the_warning(
     monkeypatch.setenv("BOT_TEMPRATURE", "0")
     cli.load_settings()
     assert "BOT_TEMPRATURE (from environment) is not a chatglm-bot setting" in capsys.readouterr().err
+
+
+def test_the_kernel_build_wait_is_a_known_variable() -> None:
+    assert unknown_setting_warnings({"BOT_KERNEL_BUILD_WAIT_S": "60"}, None) == []
