@@ -22,16 +22,21 @@ from bot.events import ChannelRef, Handler, IncomingMessage, Outcome
 
 QUIT_WORDS = frozenset({"quit", "exit", "/quit", "/exit"})
 PROMPT = "you> "
+QUIT_HELP = "• quit (or Ctrl-D): leave the chat; Ctrl-C stops the answer being written\n"
 
 
 class ConsoleReply:
-    """Prints the answer as it grows: only the text not printed yet."""
+    """Prints the answer as it grows: only the text not printed yet. ``question`` is shown first for
+    an answer recovered after a crash, so the reader knows what it answers."""
 
-    def __init__(self, out: TextIO) -> None:
+    def __init__(self, out: TextIO, question: str | None = None) -> None:
         self._out = out
         self._printed = ""
+        self._question = question
 
     async def begin(self) -> None:
+        if self._question is not None:
+            self._out.write(f"\n(an answer interrupted last time) you> {self._question}\n")
         self._out.write("bot> ")
         self._out.flush()
 
@@ -68,8 +73,13 @@ class ConsoleAdapter:
         user: str | None = None,
         stdin: TextIO | None = None,
         stdout: TextIO | None = None,
+        remembered: int = 0,
     ) -> None:
+        """``remembered``: how many turns the session already has, for the banner."""
         self._stdin = stdin or sys.stdin
+        self._remembered = remembered
+        # A terminal gets line editing and history (readline through input()); a pipe is read as is.
+        self._interactive = self._stdin is sys.stdin and sys.stdin.isatty()
         self._out = stdout or sys.stdout
         self._user = user or _current_user()
         self._channel = ChannelRef(self.platform, session)
@@ -91,12 +101,20 @@ class ConsoleAdapter:
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signal.SIGINT, self._interrupt)
-        self._out.write("Chatting with ChatGLM2. Type 'help', 'reset' or 'quit'.\n")
+        turns = f"{self._remembered} remembered turn{'s' if self._remembered != 1 else ''}"
+        self._out.write(
+            f"Chatting with ChatGLM2 in session '{self._channel.channel_id}' ({turns}). "
+            "Type 'help', 'reset' or 'quit'.\n"
+        )
         try:
             while True:
-                self._out.write(PROMPT)
-                self._out.flush()
+                if not self._interactive:
+                    self._out.write(PROMPT)
+                    self._out.flush()
                 line = await self._read_line()
+                if line is not None and not line:  # end of input (Ctrl-D): leave the shell a clean line
+                    self._out.write("\n")
+                    self._out.flush()
                 if line is None or not line or line.strip().lower() in QUIT_WORDS:
                     break
                 if not line.strip():
@@ -105,6 +123,9 @@ class ConsoleAdapter:
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._current
                 self._current = None
+                if line.strip().lower().lstrip("/!") == "help":
+                    self._out.write(QUIT_HELP)
+                    self._out.flush()
         finally:
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.remove_signal_handler(signal.SIGINT)
@@ -121,8 +142,8 @@ class ConsoleAdapter:
 
         def read() -> None:
             try:
-                text = self._stdin.readline()
-            except (OSError, ValueError):
+                text = self._input() if self._interactive else self._stdin.readline()
+            except (OSError, ValueError, EOFError):
                 text = ""
             loop.call_soon_threadsafe(deliver, text)
 
@@ -139,8 +160,13 @@ class ConsoleAdapter:
             quit_wait.cancel()
         return line.result() if line.done() else None
 
+    def _input(self) -> str:
+        import readline  # noqa: F401  (imported for its side effect: input() gets line editing)
+
+        return input(PROMPT) + "\n"
+
     def reply_for(self, message: IncomingMessage) -> ConsoleReply | None:
-        return ConsoleReply(self._out) if message.channel == self._channel else None
+        return ConsoleReply(self._out, message.text) if message.channel == self._channel else None
 
     def _message(self, line: str) -> IncomingMessage:
         return IncomingMessage(
