@@ -7,7 +7,6 @@ registration is rate limited and a global one takes up to an hour to reach every
 
 from __future__ import annotations
 
-import re
 from collections.abc import Set
 from typing import Final, Protocol
 
@@ -61,16 +60,9 @@ def may_reset(interaction: discord.Interaction[discord.Client], admin_ids: Set[s
     return interaction.permissions.manage_messages
 
 
-# A mention or DM that is just "reset" asks the core for a reset (it reads the same words).
-_RESET_WORD = re.compile(r"[/!]?reset", re.IGNORECASE)
-
-
-def asks_reset(text: str) -> bool:
-    return _RESET_WORD.fullmatch(text.strip()) is not None
-
-
 def may_reset_by_message(message: discord.Message, admin_ids: Set[str]) -> bool:
-    """The same rule as ``may_reset`` for a "reset" written in a mention or DM."""
+    """The same rule as ``may_reset`` for the author of a mention or DM (the core decides whether
+    the message asks for a reset)."""
     author = message.author
     if str(author.id) in admin_ids or message.guild is None:
         return True

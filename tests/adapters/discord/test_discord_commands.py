@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from adapters.discord_adapter import RESET_REFUSAL
-from bot.core import HELP_TEXT, RESET_TEXT
+from bot.core import HELP_TEXT, RESET_REFUSAL, RESET_TEXT
 from bot.events import ChannelRef
 from tests.adapters.discord.fake_discord import (
     ADMIN_ROLE_PERMISSIONS,
