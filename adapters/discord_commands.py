@@ -97,7 +97,7 @@ def _unanswerable(error: BaseException) -> bool:
 
 
 async def _explain(interaction: discord.Interaction[discord.Client], text: str) -> None:
-    """An ephemeral note to the user; a failure to deliver it was already logged as the cause."""
+    """An ephemeral note to the user; its cause is logged already, so a failed send only at DEBUG."""
     try:
         if interaction.response.is_done():
             await interaction.followup.send(text, ephemeral=True, allowed_mentions=NO_MENTIONS)
