@@ -23,10 +23,11 @@ import yarl
 from discord.gateway import DiscordWebSocket
 from discord.http import Route
 
-from adapters.discord_commands import asks_reset, build_tree, invite_url, may_reset, may_reset_by_message
+from adapters.discord_commands import build_tree, invite_url, may_reset, may_reset_by_message
 from adapters.discord_events import PLATFORM, addressed_to, from_interaction, from_message
 from adapters.discord_reply import NO_MENTIONS, DiscordReply, InteractionReply, MessageReply
 from bot.config import ConfigError, Settings
+from bot.core import RESET_REFUSAL
 from bot.events import Command, Handler, IncomingMessage, ReplyHandle
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,6 @@ log = logging.getLogger(__name__)
 discord.VoiceClient.warn_nacl = False
 discord.VoiceClient.warn_dave = False
 
-RESET_REFUSAL: Final = "Sorry, only members with the Manage Messages permission can reset this conversation."
 # An interaction token lasts 15 minutes; keep a margin so a recovered answer can still finish.
 INTERACTION_REPLY_WINDOW: Final = timedelta(minutes=12)
 
@@ -169,11 +169,9 @@ class DiscordAdapter:
         me = client.user if client is not None else None
         if self._stopping or client is None or me is None or not addressed_to(message, me):
             return
-        incoming = from_message(message, me)
+        allowed = may_reset_by_message(message, self._settings.discord_admin_ids)
+        incoming = from_message(message, me, may_reset=allowed)
         reply = MessageReply(client.get_partial_messageable(message.channel.id), message.id)
-        if asks_reset(incoming.text) and not may_reset_by_message(message, self._settings.discord_admin_ids):
-            self._spawn_task(reply.finish(RESET_REFUSAL), f"discord-refusal-{message.id}")
-            return
         task = self._spawn(incoming, reply)
         self._answering[message.id] = task
         task.add_done_callback(lambda _: self._answering.pop(message.id, None))

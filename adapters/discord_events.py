@@ -68,8 +68,9 @@ def strip_mention(content: str, me_id: int, role_id: int | None = None) -> str:
     return re.sub(rf"(?:{pattern})[ \t]*", "", content).strip()
 
 
-def from_message(message: discord.Message, me: discord.ClientUser) -> IncomingMessage:
-    """A mention or DM: the core reads a leading ``reset`` / ``help`` from the text itself."""
+def from_message(message: discord.Message, me: discord.ClientUser, *, may_reset: bool) -> IncomingMessage:
+    """A mention or DM: the core reads a ``reset`` / ``help`` from the text itself, and refuses the
+    reset unless ``may_reset``."""
     own_role = message.guild.self_role if message.guild is not None else None
     return IncomingMessage(
         event_id=str(message.id),
@@ -79,4 +80,5 @@ def from_message(message: discord.Message, me: discord.ClientUser) -> IncomingMe
         text=strip_mention(message.content, me.id, own_role.id if own_role else None),
         is_direct=message.guild is None,
         raw={"kind": "message", "channel_id": str(message.channel.id), "message_id": str(message.id)},
+        may_reset=may_reset,
     )

@@ -21,6 +21,7 @@ from bot.events import (
     ReplyHandle,
     message_from_dict,
     message_to_dict,
+    read_command,
 )
 from bot.generation import GenerationParams, GenerationRequest, Turn
 from bot.sanitize import clean_text
@@ -39,6 +40,7 @@ HELP_TEXT = (
 EMPTY_TEXT = "Your message was empty. " + HELP_TEXT
 RESET_TEXT = "Done: I've forgotten this conversation. The next message starts fresh."
 REFUSAL_TEXT = "Sorry, I'm not enabled for you or for this channel."
+RESET_REFUSAL = "Sorry, only members with the Manage Messages permission can reset this conversation."
 FAILURE_TEXT = "Sorry, something went wrong while answering; please try again."
 EMPTY_ANSWER_TEXT = "(The model produced no answer.)"
 
@@ -153,11 +155,13 @@ class Bot:
 
     async def _answer(self, message: IncomingMessage, reply: ReplyHandle, progress: _Progress) -> Outcome:
         channel, text = message.channel, message.text
-        command = message.command or _parse_command(text)
+        command = message.command or read_command(text)
         if command is Command.CHAT and not text:
             return await self._reply_text(message, reply, EMPTY_TEXT, Outcome.REJECTED, progress)
         if command is Command.HELP:
             return await self._reply_text(message, reply, HELP_TEXT, Outcome.COMMAND, progress)
+        if command is Command.RESET and not message.may_reset:
+            return await self._reply_text(message, reply, RESET_REFUSAL, Outcome.REFUSED, progress)
         if command is Command.RESET:
             await self._storage.clear(channel)
             return await self._reply_text(message, reply, RESET_TEXT, Outcome.COMMAND, progress)
@@ -286,10 +290,3 @@ class Bot:
             await reply.fail(reason)
         except Exception:
             log.exception("could not deliver a failure note")
-
-
-def _parse_command(text: str) -> Command:
-    word = text.strip().lower().lstrip("/!")
-    if word in ("reset", "help"):
-        return Command(word)
-    return Command.CHAT

@@ -36,6 +36,15 @@ class Command(enum.StrEnum):
     HELP = "help"
 
 
+def read_command(text: str) -> Command:
+    """The command a message's text asks for: a lone ``reset`` / ``help``, in any case, after
+    any run of ``/`` and ``!``; anything else is a chat message."""
+    word = text.strip().lower().lstrip("/!")
+    if word in ("reset", "help"):
+        return Command(word)
+    return Command.CHAT
+
+
 def _frozen_raw(raw: Mapping[str, Any] | None) -> Mapping[str, Any]:
     return MappingProxyType(dict(raw or {}))
 
@@ -60,6 +69,7 @@ class IncomingMessage:
     raw: Mapping[str, Any] = field(default_factory=lambda: _frozen_raw(None))
     command: Command | None = None
     followup_only: bool = False
+    may_reset: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.raw, MappingProxyType):
@@ -130,6 +140,7 @@ def message_to_dict(message: IncomingMessage) -> dict[str, Any]:
         "raw": dict(message.raw),
         "command": message.command.value if message.command else None,
         "followup_only": message.followup_only,
+        "may_reset": message.may_reset,
     }
 
 
@@ -146,4 +157,5 @@ def message_from_dict(data: Mapping[str, Any]) -> IncomingMessage:
         raw=data.get("raw") or {},
         command=Command(command) if command else None,
         followup_only=bool(data.get("followup_only", False)),
+        may_reset=bool(data.get("may_reset", True)),
     )

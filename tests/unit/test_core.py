@@ -1,13 +1,24 @@
 import asyncio
 import itertools
+import random
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from bot.core import EMPTY_TEXT, HELP_TEXT, REFUSAL_TEXT, RESET_TEXT
-from bot.events import ChannelRef, Command, IncomingMessage, Outcome
+from bot.core import EMPTY_TEXT, HELP_TEXT, REFUSAL_TEXT, RESET_REFUSAL, RESET_TEXT, Bot
+from bot.events import (
+    ChannelRef,
+    Command,
+    IncomingMessage,
+    Outcome,
+    message_from_dict,
+    message_to_dict,
+    read_command,
+)
 from bot.generation import GenerationRequest
+from bot.sanitize import clean_text
+from storage.repository import ClaimResult, EventStatus
 from tests.support import RecordingReply, ScriptedGenerator, bot_stack
 
 CHANNEL = ChannelRef("slack", "C1", "1700000000.000100")
@@ -140,12 +151,136 @@ async def test_commands(tmp_path: Path) -> None:
         assert len(stack.generator.requests) == 3
 
 
-@pytest.mark.parametrize("text", ["", "   \n\t ", "\x00\x01"])
+INVISIBLE = [
+    "\u200b",  # zero-width space
+    "\u200b\u200c\u200d",  # ... non-joiner, joiner
+    "\ufeff",  # byte order mark
+    " \u2060 \n\u200e\u200f ",  # word joiner, bidi marks, among whitespace
+    "\u202a\u202b\u202c\u202d\u202e",  # bidi embeddings and overrides
+    "\u2066\u2067\u2068\u2069",  # bidi isolates
+    "\u00ad\u061c\U000e0001",  # other format characters: soft hyphen, Arabic mark, a tag
+]
+
+
+@pytest.mark.parametrize("text", ["", "   \n\t ", "\x00\x01", *INVISIBLE])
 async def test_empty_message_gets_help(tmp_path: Path, text: str) -> None:
     async with bot_stack(tmp_path) as stack:
         outcome, reply = await ask(stack.bot, msg(text))
         assert stack.generator.requests == []
     assert (outcome, reply.final) == (Outcome.REJECTED, ("finish", EMPTY_TEXT))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "\U0001f469\u200d\U0001f4bb",  # woman technologist: a ZWJ sequence
+        "\u200bhi\u200b",
+        "\U0001f3f4\U000e0067\U000e0062\U000e0065\U000e006e\U000e0067\U000e007f",  # England's flag
+    ],
+)
+async def test_format_characters_inside_text_are_kept(tmp_path: Path, text: str) -> None:
+    async with bot_stack(tmp_path) as stack:
+        outcome, _ = await ask(stack.bot, msg(text))
+    assert outcome is Outcome.ANSWERED
+    assert [request.query for request in stack.generator.requests] == [text]
+
+
+async def test_reset_refused_unless_the_platform_allows_it(tmp_path: Path) -> None:
+    async with bot_stack(tmp_path) as stack:
+        await ask(stack.bot, msg("remember me"))
+        for refused in (msg("!!reset", may_reset=False), msg("", command=Command.RESET, may_reset=False)):
+            outcome, reply = await ask(stack.bot, refused)
+            assert (outcome, reply.final) == (Outcome.REFUSED, ("finish", RESET_REFUSAL))
+        _, help_reply = await ask(stack.bot, msg("help", may_reset=False))
+        assert help_reply.final == ("finish", HELP_TEXT)
+        assert len(await stack.storage.recent_turns(CHANNEL, 10)) == 1
+        outcome, _ = await ask(stack.bot, msg("//reset"))
+        assert outcome is Outcome.COMMAND
+        assert await stack.storage.recent_turns(CHANNEL, 10) == []
+
+
+def test_may_reset_survives_storage_and_defaults_to_allowed() -> None:
+    refused = msg("reset", may_reset=False)
+    assert message_from_dict(message_to_dict(refused)) == refused
+    stored_before_the_field = {k: v for k, v in message_to_dict(refused).items() if k != "may_reset"}
+    assert message_from_dict(stored_before_the_field).may_reset is True
+
+
+RESET_PIECES = [
+    "reset",
+    "RESET",
+    "Reset",
+    "help",
+    "/",
+    "!",
+    " ",
+    "\t",
+    "\n",
+    "\r",
+    "\x00",
+    "\u00a0",
+    "\u200b",
+    "\ufeff",
+    "\u202e",
+    "r",
+    "e",
+    "s",
+    "t",
+    "x",
+    "@",
+]
+
+
+def reset_like_texts(count: int, seed: int = 20261203) -> list[str]:
+    """The known bypasses, then random strings of the pieces a reset word is made of."""
+    rng = random.Random(seed)
+    generated = ("".join(rng.choices(RESET_PIECES, k=rng.randint(0, 5))) for _ in range(count))
+    return ["!!reset", "//reset", "/!reset", *generated]
+
+
+class ResetRecorder:
+    """In-memory stand-in for Storage (SQLite commits would make thousands of cases take minutes):
+    every event is new, no history, and it records which conversations were cleared."""
+
+    def __init__(self) -> None:
+        self.cleared: list[ChannelRef] = []
+
+    async def has_history(self, channel: ChannelRef) -> bool:
+        return True
+
+    async def claim_event(self, platform: str, event_id: str, payload: object) -> ClaimResult:
+        return ClaimResult.NEW
+
+    async def mark_event(self, platform: str, event_id: str, status: EventStatus) -> None:
+        pass
+
+    async def recent_turns(self, channel: ChannelRef, limit: int) -> list[object]:
+        return []
+
+    async def append_turn(self, channel: ChannelRef, **turn: object) -> None:
+        pass
+
+    async def clear(self, channel: ChannelRef) -> int:
+        self.cleared.append(channel)
+        return 0
+
+
+async def test_without_permission_no_text_resets(tmp_path: Path) -> None:
+    """Whatever the text, a message the platform marks ``may_reset=False`` never clears the
+    conversation; the ones the core reads as a reset get the refusal."""
+    texts = reset_like_texts(5000)
+    asked = {text for text in texts if read_command(clean_text(text)) is Command.RESET}
+    assert len(asked) > 50  # the generator does reach reset words
+    async with bot_stack(tmp_path) as stack:
+        storage = ResetRecorder()
+        bot = Bot(stack.settings, storage, stack.service)  # type: ignore[arg-type]
+        assert (await ask(bot, msg("reset")))[0] is Outcome.COMMAND  # the recorder sees resets
+        assert storage.cleared == [CHANNEL]
+        for text in texts:
+            outcome, reply = await ask(bot, msg(text, may_reset=False))
+            if text in asked:
+                assert (outcome, reply.final) == (Outcome.REFUSED, ("finish", RESET_REFUSAL)), repr(text)
+    assert storage.cleared == [CHANNEL]
 
 
 async def test_oversized_message_gets_a_clear_reply(tmp_path: Path) -> None:

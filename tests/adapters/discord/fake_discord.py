@@ -89,6 +89,8 @@ class Interaction:
     token: str
     channel_id: int
     callback: dict[str, Any] | None = None  # the body of the first (and only) callback
+    expired: bool = False  # the token's 3 seconds are over: Discord answers 10062
+    payload: dict[str, Any] = field(default_factory=dict)  # the INTERACTION_CREATE data, to replay
 
 
 class FakeDiscord:
@@ -233,14 +235,18 @@ class FakeDiscord:
         options: dict[str, str] | None = None,
         permissions: int = MEMBER_PERMISSIONS,
         direct: bool = False,
+        focused: str | None = None,
+        expired: bool = False,
     ) -> Interaction:
-        """Send an INTERACTION_CREATE for ``/name`` as Discord does when a user runs it."""
-        interaction = Interaction(self.snowflake(), f"token-{next(self._ids)}", channel_id)
+        """Send an INTERACTION_CREATE for ``/name`` as Discord does when a user runs it (an
+        autocomplete request while they type option ``focused``, when given)."""
+        interaction = Interaction(self.snowflake(), f"token-{next(self._ids)}", channel_id, expired=expired)
         self.interactions[interaction.token] = interaction
-        payload: dict[str, Any] = {
+        payload: dict[str, Any] = interaction.payload
+        payload |= {
             "id": str(interaction.id),
             "application_id": str(APP_ID),
-            "type": 2,
+            "type": 2 if focused is None else 4,
             "token": interaction.token,
             "version": 1,
             "locale": "en-US",
@@ -254,7 +260,8 @@ class FakeDiscord:
                 "name": name,
                 "type": 1,
                 "options": [
-                    {"name": key, "type": 3, "value": value} for key, value in (options or {}).items()
+                    {"name": key, "type": 3, "value": value} | ({"focused": True} if key == focused else {})
+                    for key, value in (options or {}).items()
                 ],
             },
         }
@@ -269,6 +276,10 @@ class FakeDiscord:
             payload["channel"] = self.channels.get(channel_id) or self.threads[channel_id]
         await self.dispatch("INTERACTION_CREATE", payload)
         return interaction
+
+    async def replay(self, interaction: Interaction) -> None:
+        """Deliver ``interaction`` again, as a gateway may after a reconnect."""
+        await self.dispatch("INTERACTION_CREATE", interaction.payload)
 
     async def user_message(
         self,
@@ -487,6 +498,8 @@ class FakeDiscord:
 
     def _callback(self, token: str, body: dict[str, Any]) -> web.Response:
         interaction = self.interactions[token]
+        if interaction.expired:
+            return _json({"message": "Unknown interaction", "code": 10062}, 404)
         if interaction.callback is not None:  # Discord allows one response per interaction
             return _json({"message": "Interaction has already been acknowledged.", "code": 40060}, 400)
         interaction.callback = body

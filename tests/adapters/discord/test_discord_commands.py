@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from adapters.discord_adapter import RESET_REFUSAL
-from bot.core import HELP_TEXT, RESET_TEXT
+import logging
+
+import pytest
+
+from adapters.discord_commands import STALE_COMMAND, unknown_command
+from bot.core import HELP_TEXT, RESET_REFUSAL, RESET_TEXT
 from bot.events import ChannelRef
 from tests.adapters.discord.fake_discord import (
     ADMIN_ROLE_PERMISSIONS,
@@ -142,3 +146,82 @@ async def test_twenty_concurrent_asks_in_different_channels_are_each_answered_on
     assert len(callbacks) == 20
     assert all(fake.followups(interaction.token) == [] for interaction in interactions)
     assert len(fake.posted) == 20  # one response per interaction, nothing else
+
+
+def ephemeral_note(text: str) -> dict[str, object]:
+    return {
+        "type": 4,
+        "data": {"content": text, "tts": False, "flags": 64, "allowed_mentions": {"parse": []}},
+    }
+
+
+def logged(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str, bool]]:
+    """(level, message, with traceback) of every record at WARNING or above."""
+    return [
+        (record.levelno, record.getMessage(), record.exc_info is not None)
+        for record in caplog.records
+        if record.levelno >= logging.WARNING
+    ]
+
+
+async def test_a_stale_or_unknown_command_is_explained_with_one_warning(
+    fake: FakeDiscord, running, caplog: pytest.LogCaptureFixture
+) -> None:
+    channel = fake.add_channel()
+    generator = ScriptedGenerator()
+    async with running(generator):
+        stale = await fake.slash_command("ask", channel)  # registered before /ask had its prompt
+        await fake.wait_for(lambda: stale.callback)
+        assert logged(caplog) == [
+            (
+                logging.WARNING,
+                "Discord: /ask does not match its registration; run chatglm-bot discord-sync",
+                False,
+            )
+        ]
+        caplog.clear()
+        unknown = await fake.slash_command("translate", channel, options={"text": "hi"})
+        await fake.wait_for(lambda: unknown.callback)
+        assert logged(caplog) == [
+            (logging.WARNING, "Discord: unknown command /translate; run chatglm-bot discord-sync", False)
+        ]
+    assert stale.callback == ephemeral_note(STALE_COMMAND)
+    assert unknown.callback == ephemeral_note(unknown_command("translate"))
+    assert generator.requests == []
+
+
+async def test_autocomplete_gets_no_suggestions_and_logs_nothing(
+    fake: FakeDiscord, running, caplog: pytest.LogCaptureFixture
+) -> None:
+    channel = fake.add_channel()
+    generator = ScriptedGenerator()
+    async with running(generator):
+        typing = await fake.slash_command("ask", channel, options={"prompt": "wh"}, focused="prompt")
+        await fake.wait_for(lambda: typing.callback)
+        unknown = await fake.slash_command("gone", channel, options={"q": "x"}, focused="q")
+        await fake.wait_for(lambda: unknown.callback)
+    assert typing.callback == unknown.callback == {"type": 8, "data": {"choices": []}}
+    assert logged(caplog) == []
+    assert generator.requests == []
+
+
+async def test_a_replayed_or_expired_interaction_logs_one_line_without_traceback(
+    fake: FakeDiscord, running, caplog: pytest.LogCaptureFixture
+) -> None:
+    channel = fake.add_channel()
+    generator = ScriptedGenerator()
+    async with running(generator):
+        token = await ask(fake, channel, "once", "Answer 1 to: once")
+        await fake.replay(fake.interactions[token])  # Discord answers 40060: already acknowledged
+        await fake.wait_for(lambda: logged(caplog))
+        [(level, message, traceback)] = logged(caplog)
+        assert (level, traceback) == (logging.WARNING, False)
+        assert "already answered or has expired" in message
+        caplog.clear()
+        late = await fake.slash_command("reset", channel, expired=True)  # 10062: unknown interaction
+        await fake.wait_for(lambda: logged(caplog))
+        [(level, message, traceback)] = logged(caplog)
+        assert (level, traceback) == (logging.WARNING, False)
+        assert str(late.id) in message
+    assert fake.answer_text(token) == "Answer 1 to: once"
+    assert [request.query for request in generator.requests] == ["once"]

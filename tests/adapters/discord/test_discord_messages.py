@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 import re
 
-from adapters.discord_adapter import RESET_REFUSAL
 from adapters.discord_reply import PLACEHOLDER
 from adapters.text import split_message
-from bot.core import RESET_TEXT
+from bot.core import RESET_REFUSAL, RESET_TEXT
 from bot.events import ChannelRef
 from bot.generation import GenerationRequest
 from tests.adapters.discord.fake_discord import BOT_ID, GUILD_ID, FakeDiscord, Posted
@@ -83,7 +82,13 @@ async def test_reset_by_mention_follows_the_reset_permission(fake: FakeDiscord, 
         await answer_to(fake, refused, RESET_REFUSAL)
         second = await fake.user_message(channel, f"<@{BOT_ID}> two", mentions=(BOT_ID,))
         await answer_to(fake, second, "Answer 2 to: two")  # the history survived
-        admin = await fake.user_message(channel, f"<@{BOT_ID}> reset", user_id=4242, mentions=(BOT_ID,))
+        # However the core reads the words, a member without the permission never resets.
+        for bypass in ("!!reset", "//reset", "/!reset"):
+            refused = await fake.user_message(channel, f"<@{BOT_ID}> {bypass}", mentions=(BOT_ID,))
+            await answer_to(fake, refused, RESET_REFUSAL)
+        kept = await fake.user_message(channel, f"<@{BOT_ID}> kept", mentions=(BOT_ID,))
+        await answer_to(fake, kept, "Answer 3 to: kept")
+        admin = await fake.user_message(channel, f"<@{BOT_ID}> !!reset", user_id=4242, mentions=(BOT_ID,))
         await answer_to(fake, admin, RESET_TEXT)
         third = await fake.user_message(channel, f"<@{BOT_ID}> three", mentions=(BOT_ID,))
         await answer_to(fake, third, "Answer 1 to: three")

@@ -1,4 +1,4 @@
-"""Pure pieces of the Discord adapter: mention stripping, reset words and the message chain."""
+"""Pure pieces of the Discord adapter: mention stripping and the message chain."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from types import SimpleNamespace
 import discord
 import pytest
 
-from adapters.discord_commands import asks_reset
 from adapters.discord_events import strip_mention
 from adapters.discord_reply import PLACEHOLDER, DiscordReply
 
@@ -25,21 +24,6 @@ from adapters.discord_reply import PLACEHOLDER, DiscordReply
 )
 def test_strip_mention(content: str, expected: str) -> None:
     assert strip_mention(content, 42, role_id=7) == expected
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("reset", True),
-        (" /reset ", True),
-        ("RESET", True),
-        ("!reset", True),
-        ("reset please", False),
-        ("", False),
-    ],
-)
-def test_asks_reset(text: str, expected: bool) -> None:
-    assert asks_reset(text) is expected
 
 
 class RecordingReply(DiscordReply):
