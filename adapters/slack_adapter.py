@@ -15,11 +15,13 @@ import time
 from collections.abc import Coroutine, Mapping
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from slack_bolt.adapter.aiohttp import to_aiohttp_response
 from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
 from slack_bolt.app.async_app import AsyncApp
 from slack_bolt.request.async_request import AsyncBoltRequest
+from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_async_handlers import (
     AsyncConnectionErrorRetryHandler,
     AsyncRateLimitErrorRetryHandler,
@@ -42,7 +44,7 @@ from adapters.slack_reply import (
     escape,
 )
 from bot.config import ConfigError, Settings
-from bot.events import Command, Handler, IncomingMessage, ReplyHandle
+from bot.events import Command, Handler, IncomingMessage, PlatformUnreachable, ReplyHandle
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +107,15 @@ class SlackAdapter:
             http_app.router.add_post(EVENTS_PATH, self._on_http)
 
     async def start(self, handler: Handler) -> None:
-        response = await call_slack("auth.test", self._client.auth_test())
+        try:
+            response = await self._client.auth_test()
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise PlatformUnreachable(
+                f"cannot reach Slack at {self._client.base_url}: {type(exc).__name__}"
+            ) from None
+        except SlackApiError as exc:
+            log.warning("Slack auth.test failed: %s", exc.response.get("error", exc.response.status_code))
+            response = None
         if response is None or not response.get("user_id"):
             raise ConfigError("Slack rejected SLACK_BOT_TOKEN (auth.test failed; see the log)")
         self._bot_user_id = str(response["user_id"])

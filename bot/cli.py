@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from bot import logs
 from bot.config import ConfigError, Settings, secret_values
+from bot.events import PlatformUnreachable
 
 PROG = "chatglm-bot"
 
@@ -20,7 +21,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except ConfigError as exc:
+    except (ConfigError, PlatformUnreachable) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
