@@ -28,7 +28,7 @@ from adapters.discord_events import PLATFORM, addressed_to, from_interaction, fr
 from adapters.discord_reply import NO_MENTIONS, DiscordReply, InteractionReply, MessageReply
 from bot.config import ConfigError, Settings
 from bot.core import RESET_REFUSAL
-from bot.events import Command, Handler, IncomingMessage, ReplyHandle
+from bot.events import Command, Handler, IncomingMessage, PlatformUnreachable, ReplyHandle
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ class DiscordAdapter:
         except discord.LoginFailure:
             raise ConfigError("Discord rejected DISCORD_BOT_TOKEN; copy the bot token again") from None
         except (discord.HTTPException, aiohttp.ClientError, OSError) as exc:
-            raise ConfigError(f"cannot log in to Discord at {Route.BASE}: {exc}") from None
+            raise PlatformUnreachable(f"cannot log in to Discord at {Route.BASE}: {exc}") from None
 
     async def _wait_ready(self, client: discord.Client, gateway: asyncio.Task[None]) -> None:
         ready = asyncio.ensure_future(client.wait_until_ready())
@@ -226,7 +226,9 @@ class DiscordAdapter:
                 "portal, or set BOT_DISCORD_MESSAGE_CONTENT=false"
             )
         reason = f": {error}" if error else f" within {self._ready_timeout:g} s"
-        raise ConfigError(f"cannot connect to the Discord gateway {DiscordWebSocket.DEFAULT_GATEWAY}{reason}")
+        raise PlatformUnreachable(
+            f"cannot connect to the Discord gateway {DiscordWebSocket.DEFAULT_GATEWAY}{reason}"
+        )
 
     def _spawn(self, message: IncomingMessage, reply: DiscordReply) -> asyncio.Task[None]:
         return self._spawn_task(self._deliver(message, reply), f"discord-{message.event_id}")

@@ -20,6 +20,7 @@ import time
 from collections.abc import Coroutine, Mapping
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from slack_bolt.adapter.aiohttp import to_aiohttp_response
 from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
@@ -27,6 +28,7 @@ from slack_bolt.app.async_app import AsyncApp
 from slack_bolt.error import BoltUnhandledRequestError
 from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_bolt.response import BoltResponse
+from slack_sdk.errors import SlackApiError
 from slack_sdk.signature import SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
 
@@ -44,12 +46,13 @@ from adapters.slack_reply import (
     SlackFailure,
     SlackReply,
     TransientRetryHandler,
+    api_error_reason,
     call_slack,
     escape,
     try_slack,
 )
 from bot.config import ConfigError, Settings
-from bot.events import Command, Handler, IncomingMessage, ReplyHandle
+from bot.events import Command, Handler, IncomingMessage, PlatformUnreachable, ReplyHandle
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +116,17 @@ class SlackAdapter:
             http_app.router.add_post(EVENTS_PATH, self._on_http)
 
     async def start(self, handler: Handler) -> None:
-        response = await call_slack("auth.test", self._client.auth_test())
+        try:
+            response = await self._client.auth_test()
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise PlatformUnreachable(
+                f"cannot reach Slack at {self._client.base_url}: {type(exc).__name__}"
+            ) from None
+        except SlackApiError as exc:
+            reason = api_error_reason(exc.response)
+            if getattr(exc.response, "status_code", 0) >= 500:  # a proxy or Slack itself is down
+                raise PlatformUnreachable(f"Slack at {self._client.base_url} answered {reason}") from None
+            raise ConfigError(f"Slack rejected SLACK_BOT_TOKEN (auth.test: {reason})") from None
         if response is None or not response.get("user_id"):
             raise ConfigError("Slack rejected SLACK_BOT_TOKEN (auth.test failed; see the log)")
         self._bot_user_id = str(response["user_id"])

@@ -124,7 +124,7 @@ async def try_slack(method: str, call: Awaitable[Any]) -> Any | SlackFailure:
     try:
         return await call
     except SlackApiError as error:
-        failure = SlackFailure(_api_error_reason(error.response))
+        failure = SlackFailure(api_error_reason(error.response))
         status = getattr(error.response, "status_code", getattr(error.response, "status", 0))
     except (aiohttp.ClientError, TimeoutError) as error:
         failure = SlackFailure(f"no response: {type(error).__name__}")
@@ -143,7 +143,7 @@ async def call_slack(method: str, call: Awaitable[Any]) -> Any | None:
     return None if isinstance(result, SlackFailure) else result
 
 
-def _api_error_reason(response: object) -> str:
+def api_error_reason(response: object) -> str:
     # An AsyncSlackResponse whose data is a dict, a str (text/plain) or {} (any other non-JSON
     # content type), or for a JSON content type whose body did not parse, the aiohttp response.
     status = getattr(response, "status_code", getattr(response, "status", None))

@@ -9,13 +9,15 @@ import signal
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from bot import http, metrics
 from bot.config import ConfigError, Settings
 from bot.core import Bot
-from bot.events import Adapter
+from bot.events import Adapter, Handler
 from bot.generation import Generator, GeneratorFactory
 from bot.service import ModelService
 from storage.repository import Storage
@@ -23,6 +25,9 @@ from storage.repository import Storage
 log = logging.getLogger(__name__)
 
 PRUNE_EVERY_S = 3600.0
+RETRY_FIRST_S = 2.0  # an unreachable platform is retried after 2 s, 4 s, ... at most every 60 s
+RETRY_MAX_S = 60.0
+UNREACHABLE = (ConnectionError, OSError, aiohttp.ClientError, TimeoutError)
 
 
 def check_settings(settings: Settings, *, platforms: bool = True) -> None:
@@ -110,10 +115,11 @@ async def run(settings: Settings, *, console: Adapter | None = None) -> None:
     adapters: list[Adapter] = []
     runner: web.AppRunner | None = None
     loaded = False
+    supervisor = _Supervisor()
     try:
         # The HTTP server comes up before the model loads (which can take minutes): /healthz
         # answers 503 "starting", /metrics works, and Slack's events get 503 until the bot is ready.
-        http_app = http.create_app(lambda: _health(service, loaded))
+        http_app = http.create_app(lambda: _health(service, loaded, supervisor.states))
         adapters = [console] if console is not None else platform_adapters(settings, http_app)
         if console is None:
             runner = await http.start_server(http_app, settings.http_host, settings.http_port)
@@ -123,12 +129,11 @@ async def run(settings: Settings, *, console: Adapter | None = None) -> None:
         _export_model_metrics(settings, service.generator)
         loaded = True
         bot = Bot(settings, storage, service)
-        for adapter in adapters:
-            await adapter.start(bot.handle)
-            log.info("%s adapter started", adapter.platform)
-        await bot.recover({adapter.platform: adapter for adapter in adapters})
-        await _wait_until_stopped(settings, storage, console)
+        started = [adapter for adapter in adapters if await supervisor.start(adapter, bot.handle)]
+        await bot.recover({adapter.platform: adapter for adapter in started})
+        await _wait_until_stopped(settings, storage, console, supervisor.fatal)
     finally:
+        await supervisor.close()
         await _shutdown(adapters, runner, service, storage)
 
 
@@ -153,20 +158,79 @@ def _export_model_metrics(settings: Settings, generator: Generator) -> None:
         metrics.PREFIX_CACHE_ENTRIES.set_function(lambda: len(cache))
 
 
-def _health(service: ModelService, loaded: bool) -> dict[str, object]:
+class _Supervisor:
+    """Starts adapters; one that cannot be reached is retried in the background with capped
+    exponential backoff while the others run. Rejected credentials (ConfigError) stop the bot."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, str] = {}  # platform -> "connecting" | "connected" | "down"
+        self.fatal: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._retries: set[asyncio.Task[None]] = set()
+
+    async def start(self, adapter: Adapter, handler: Handler) -> bool:
+        """Whether ``adapter`` is running now; if it is unreachable, a retry is scheduled."""
+        if await self._attempt(adapter, handler):
+            return True
+        task = asyncio.create_task(self._retry(adapter, handler), name=f"retry-{adapter.platform}")
+        self._retries.add(task)
+        task.add_done_callback(self._retries.discard)
+        return False
+
+    async def _attempt(self, adapter: Adapter, handler: Handler) -> bool:
+        self.states[adapter.platform] = "connecting"
+        try:
+            await adapter.start(handler)
+        except UNREACHABLE as exc:
+            self.states[adapter.platform] = "down"
+            log.warning("%s is unreachable, retrying in the background: %s", adapter.platform, exc)
+            return False
+        except BaseException:
+            self.states[adapter.platform] = "down"
+            raise
+        self.states[adapter.platform] = "connected"
+        log.info("%s adapter started", adapter.platform)
+        return True
+
+    async def _retry(self, adapter: Adapter, handler: Handler) -> None:
+        delay = RETRY_FIRST_S
+        try:
+            while True:
+                await asyncio.sleep(delay)
+                if await self._attempt(adapter, handler):
+                    return
+                delay = min(delay * 2, RETRY_MAX_S)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # rejected credentials, or a bug: end the bot as at start-up
+            if not self.fatal.done():
+                self.fatal.set_exception(exc)
+
+    async def close(self) -> None:
+        for task in list(self._retries):
+            task.cancel()
+        await asyncio.gather(*self._retries, return_exceptions=True)
+
+
+def _health(service: ModelService, loaded: bool, states: dict[str, str]) -> dict[str, object]:
     if not loaded:
-        return {"status": "starting", "model": "loading"}
-    return {"queue_depth": service.queue_depth, "in_flight": service.in_flight}
+        return {"status": "starting", "model": "loading", "adapters": dict(states)}
+    return {"queue_depth": service.queue_depth, "in_flight": service.in_flight, "adapters": dict(states)}
 
 
-async def _wait_until_stopped(settings: Settings, storage: Storage, console: Adapter | None) -> None:
+async def _wait_until_stopped(
+    settings: Settings, storage: Storage, console: Adapter | None, fatal: asyncio.Future[None]
+) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = (signal.SIGTERM,) if console is not None else (signal.SIGTERM, signal.SIGINT)
     for sig in signals:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(_prune_forever(settings, storage))]
+    waiters: list[asyncio.Future[Any]] = [
+        asyncio.ensure_future(stop.wait()),
+        asyncio.ensure_future(_prune_forever(settings, storage)),
+        fatal,
+    ]
     closed = getattr(console, "closed", None)
     if closed is not None:
         waiters.append(asyncio.ensure_future(closed()))

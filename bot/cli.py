@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from bot import logs
 from bot.config import ConfigError, Settings, secret_values, unknown_setting_warnings
+from bot.events import PlatformUnreachable
 
 PROG = "chatglm-bot"
 
@@ -21,7 +22,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
-    except ConfigError as exc:
+    except (ConfigError, PlatformUnreachable) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

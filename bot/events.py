@@ -108,6 +108,10 @@ class Outcome(enum.StrEnum):
 Handler = Callable[[IncomingMessage, ReplyHandle], Coroutine[Any, Any, Outcome]]
 
 
+class PlatformUnreachable(ConnectionError):
+    """A platform could not be reached (network, DNS, timeout): retried, unlike rejected credentials."""
+
+
 class Adapter(Protocol):
     """A platform connection. It translates only: no model, no SQL."""
 

@@ -43,10 +43,21 @@ class ChatGLM2Config:
 
     def __post_init__(self) -> None:
         positive = ("num_layers", "hidden_size", "num_attention_heads", "kv_channels", "ffn_hidden_size")
-        for name in (*positive, "padded_vocab_size", "seq_length"):
+        for name in (*positive, "multi_query_group_num", "padded_vocab_size", "seq_length"):
+            if not _is_int(value := getattr(self, name)) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("eos_token_id", "pad_token_id"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"config field {name} must be a positive integer, got {value!r}")
+            if not _is_int(value) or not 0 <= value < self.padded_vocab_size:
+                raise ConfigError(
+                    f"{name} must be an integer in [0, padded_vocab_size={self.padded_vocab_size}), "
+                    f"got {value!r}"
+                )
+        for name in ("multi_query_attention", "add_qkv_bias"):
+            if not isinstance(value := getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {value!r}")
+        if not isinstance(self.torch_dtype, str):
+            raise ConfigError(f"torch_dtype must be a string, got {self.torch_dtype!r}")
         if self.kv_channels % 4:
             raise ConfigError(f"kv_channels must be a multiple of 4 (RoPE pairs), got {self.kv_channels}")
         if self.num_attention_heads % self.kv_groups:
@@ -54,8 +65,10 @@ class ChatGLM2Config:
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"multi_query_group_num ({self.kv_groups})"
             )
-        if self.quantization_bit not in (0, 4):
-            raise ConfigError(f"quantization_bit {self.quantization_bit} is not supported (only 4)")
+        if not _is_int(self.quantization_bit) or self.quantization_bit not in (0, 4):
+            raise ConfigError(
+                f"quantization_bit must be the integer 4 (or 0, null), got {self.quantization_bit!r}"
+            )
         if not (isinstance(self.layernorm_epsilon, float) and self.layernorm_epsilon > 0):
             raise ConfigError(f"layernorm_epsilon must be a positive number, got {self.layernorm_epsilon!r}")
 
@@ -95,10 +108,7 @@ class ChatGLM2Config:
             values.pop("quantization_bit", None)
         if isinstance(values.get("layernorm_epsilon"), int):
             values["layernorm_epsilon"] = float(values["layernorm_epsilon"])
-        try:
-            return cls(**values)
-        except TypeError as exc:
-            raise ConfigError(f"bad config: {exc}") from exc
+        return cls(**values)
 
     @classmethod
     def from_json(cls, path: str | Path) -> ChatGLM2Config:
@@ -111,7 +121,10 @@ class ChatGLM2Config:
             raise ConfigError(f"cannot read {path}: {exc}") from exc
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a JSON object")
-        return cls.from_dict(raw)
+        try:
+            return cls.from_dict(raw)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
 
     @classmethod
     def from_name(cls, name: str) -> ChatGLM2Config:
@@ -119,6 +132,10 @@ class ChatGLM2Config:
             return PRESETS[name]
         except KeyError:
             raise ConfigError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}") from None
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 PRESETS: dict[str, ChatGLM2Config] = {

@@ -20,6 +20,7 @@ import json
 import logging
 import mmap
 import os
+import pickle
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -120,13 +121,18 @@ def load_model(
         config = ChatGLM2Config.from_json(folder / "config.json")
     except ConfigError as exc:
         raise ModelLoadError(str(exc)) from None
+    tokenizer_path = folder / "tokenizer.model"
     try:
-        tokenizer = ChatGLMTokenizer.from_file(folder / "tokenizer.model")
+        tokenizer = ChatGLMTokenizer.from_file(tokenizer_path)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"tokenizer: {exc}") from None
+        message = str(exc)
+        raise ModelLoadError(
+            message if str(tokenizer_path) in message else f"{tokenizer_path}: {message}"
+        ) from None
     if tokenizer.vocab_size > config.padded_vocab_size:
         raise ModelLoadError(
-            f"tokenizer has {tokenizer.vocab_size} ids but the model only {config.padded_vocab_size}"
+            f"{tokenizer_path} has {tokenizer.vocab_size} ids but config.json "
+            f"padded_vocab_size is only {config.padded_vocab_size}"
         )
     compute = _pick_dtype(dtype, target, config)
     state: dict[str, torch.Tensor] = {}
@@ -331,11 +337,23 @@ def _read_file(path: Path) -> Iterator[tuple[str, torch.Tensor, bool]]:
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError:  # torch's message advises weights_only=False: not repeated here
+        raise ModelLoadError(
+            f"cannot read weights {path}: refused, it holds pickled objects other than tensors"
+        ) from None
     except Exception as exc:  # torch/safetensors raise many types for truncated or foreign files
-        raise ModelLoadError(f"cannot read weights {path}: {type(exc).__name__}: {exc}") from None
+        raise ModelLoadError(
+            f"cannot read weights {path}: truncated or not a checkpoint ({_first_sentence(exc)})"
+        ) from None
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
         raise ModelLoadError(f"{path} is not a state dict of tensors")
     for key, tensor in state.items():
         yield key, tensor, path.suffix == ".bin"  # torch.load(mmap=True): a private file mapping
+
+
+def _first_sentence(exc: Exception) -> str:
+    """``Type: first sentence``: torch's and safetensors' messages go on with multi-line advice."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text.split('. ')[0].rstrip('.')}"

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from bot import app
+from bot.config import ConfigError
 from tests.adapters.discord.fake_discord import BOT_ID, FakeDiscord
 from tests.adapters.slack.fake_slack import APP_TOKEN, BOT_TOKEN, FakeSlack, event_body, mention
 from tests.support import ScriptedGenerator, make_settings
@@ -50,3 +53,77 @@ async def test_serve_runs_slack_and_discord_together(tmp_path: Path, monkeypatch
             await serving
         await slack.close()
         await discord.close()
+
+
+async def _health(port: int) -> dict[str, object]:
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+        body: dict[str, object] = await resp.json()
+        return body
+
+
+async def test_an_unreachable_slack_leaves_discord_and_health_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    generator = ScriptedGenerator()
+    monkeypatch.setattr(app, "model_factory", lambda settings: lambda: generator)
+    discord = FakeDiscord()
+    await discord.start()
+    port = free_port()
+    settings = make_settings(
+        tmp_path,
+        http_port=port,
+        slack_bot_token=BOT_TOKEN,
+        slack_app_token=APP_TOKEN,
+        slack_api_url=f"http://127.0.0.1:{free_port()}/api/",  # nothing listens there
+        discord_bot_token=discord.token,
+        discord_api_url=discord.api_url,
+        discord_gateway_url=discord.gateway_url,
+    )
+    serving = asyncio.create_task(app.run(settings))
+    try:
+        channel = discord.add_channel()
+        for _ in range(300):  # the HTTP server starts first, then the adapters
+            with contextlib.suppress(aiohttp.ClientConnectionError):
+                adapters = (await _health(port))["adapters"]
+                if isinstance(adapters, dict) and adapters.get("discord") == "connected":
+                    break
+            await asyncio.sleep(0.1)
+        else:
+            pytest.fail("Discord never connected")
+        question = await discord.user_message(channel, f"<@{BOT_ID}> still here?", mentions=(BOT_ID,))
+        await discord.wait_for(
+            lambda: [r.content for r in discord.replies_to(question)] == ["Answer 1 to: still here?"]
+        )
+        health = await _health(port)
+    finally:
+        serving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await serving
+        await discord.close()
+    assert health["adapters"] in (
+        {"slack": "down", "discord": "connected"},
+        {"slack": "connecting", "discord": "connected"},
+    )
+    assert {"status", "queue_depth", "in_flight"} <= set(health)
+    log = caplog.text
+    assert "slack is unreachable" in log and "rejected" not in log
+
+
+async def test_a_rejected_slack_token_still_stops_start_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    generator = ScriptedGenerator()
+    monkeypatch.setattr(app, "model_factory", lambda settings: lambda: generator)
+    slack = await FakeSlack().start()
+    try:
+        settings = make_settings(
+            tmp_path,
+            http_port=free_port(),
+            slack_bot_token="xoxb-wrong",
+            slack_app_token=APP_TOKEN,
+            slack_api_url=slack.api_url,
+        )
+        with pytest.raises(ConfigError, match="Slack rejected SLACK_BOT_TOKEN"):
+            await asyncio.wait_for(app.run(settings), 30)
+    finally:
+        await slack.close()

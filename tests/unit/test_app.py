@@ -7,7 +7,7 @@ import pytest
 
 from bot import app
 from bot.config import ConfigError
-from bot.events import IncomingMessage
+from bot.events import IncomingMessage, PlatformUnreachable
 from tests.support import RecordingReply, ScriptedGenerator, make_settings
 
 
@@ -43,7 +43,7 @@ async def test_serve_exposes_health_and_metrics_and_shuts_down(
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-    assert health == {"status": "ok", "queue_depth": 0, "in_flight": 0}
+    assert health == {"status": "ok", "queue_depth": 0, "in_flight": 0, "adapters": {}}
     assert "chatglm_bot_queue_depth" in metrics
     assert "chatglm_bot_tokens_generated_total" in metrics
     # The port is free again: the server was shut down.
@@ -150,7 +150,7 @@ async def test_health_and_metrics_answer_while_the_model_is_still_loading(
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-    assert starting == (503, {"status": "starting", "model": "loading"})
+    assert starting == (503, {"status": "starting", "model": "loading", "adapters": {}})
     assert metrics_status == 200
     assert ready["status"] == "ok"
 
@@ -165,3 +165,54 @@ async def test_max_new_tokens_beyond_the_models_own_context_stops_start_up(
         ConfigError, match=r"BOT_MAX_NEW_TOKENS \(512\) must be below the model's context of 256"
     ):
         await asyncio.wait_for(app.run(settings), 10)
+
+
+class Flaky:
+    """An adapter whose first ``failures`` starts fail with ``errors`` in turn."""
+
+    platform = "flaky"
+
+    def __init__(self, *errors: BaseException) -> None:
+        self.errors = list(errors)
+        self.starts = 0
+        self.running = asyncio.Event()
+
+    async def start(self, handler: object) -> None:
+        self.starts += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        self.running.set()
+
+    async def stop(self) -> None:
+        pass
+
+    def reply_for(self, message: IncomingMessage) -> None:
+        return None
+
+
+async def test_an_unreachable_adapter_is_retried_until_it_connects(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(app, "model_factory", lambda settings: ScriptedGenerator)
+    monkeypatch.setattr(app, "RETRY_FIRST_S", 0.01)
+    flaky = Flaky(PlatformUnreachable("down"), OSError("refused"))
+    monkeypatch.setattr(app, "platform_adapters", lambda settings, http_app: [flaky])
+    serving = asyncio.create_task(app.run(make_settings(tmp_path, http_port=free_port())))
+    try:
+        await asyncio.wait_for(flaky.running.wait(), 10)
+    finally:
+        serving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await serving
+    assert flaky.starts == 3
+
+
+async def test_credentials_rejected_on_a_retry_stop_the_bot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(app, "model_factory", lambda settings: ScriptedGenerator)
+    monkeypatch.setattr(app, "RETRY_FIRST_S", 0.01)
+    flaky = Flaky(PlatformUnreachable("down"), ConfigError("rejected TOKEN"))
+    monkeypatch.setattr(app, "platform_adapters", lambda settings, http_app: [flaky])
+    with pytest.raises(ConfigError, match="rejected TOKEN"):
+        await asyncio.wait_for(app.run(make_settings(tmp_path, http_port=free_port())), 10)

@@ -11,7 +11,7 @@ import pytest
 
 from adapters.discord_adapter import DiscordAdapter
 from bot.config import ConfigError
-from bot.events import ChannelRef, IncomingMessage, Outcome, ReplyHandle, message_to_dict
+from bot.events import ChannelRef, IncomingMessage, Outcome, PlatformUnreachable, ReplyHandle, message_to_dict
 from tests.adapters.discord.conftest import discord_settings
 from tests.adapters.discord.fake_discord import BOT_ID, MESSAGE_CONTENT_INTENT, FakeDiscord
 from tests.support import ScriptedGenerator, bot_stack
@@ -90,7 +90,7 @@ async def test_an_unreachable_gateway_is_a_clear_start_error(fake: FakeDiscord, 
     settings = discord_settings(fake, discord_gateway_url=f"ws://127.0.0.1:{fake.port}/nowhere")
     async with bot_stack(tmp_path, **settings) as stack:
         adapter = DiscordAdapter(stack.settings, ready_timeout=1)
-        with pytest.raises(ConfigError, match="cannot connect to the Discord gateway") as error:
+        with pytest.raises(PlatformUnreachable, match="cannot connect to the Discord gateway") as error:
             await adapter.start(stack.bot.handle)
         assert "/nowhere" in str(error.value)
 
