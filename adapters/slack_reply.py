@@ -166,7 +166,9 @@ class SlackReply:
         thread_ts: str | None,
         *,
         min_edit_interval: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,  # for the edit interval; tests pass a fake
     ) -> None:
+        self._clock = clock
         self._client = client
         self._channel = channel
         self._thread_ts = thread_ts
@@ -182,11 +184,11 @@ class SlackReply:
     async def update(self, text: str) -> None:
         # The core throttles updates already; this guard holds Slack's ~1 edit/s per message
         # whatever the configured interval.
-        if text.strip() and time.monotonic() - self._last_write >= self._min_interval:
+        if text.strip() and self._clock() - self._last_write >= self._min_interval:
             await self._show(text)
 
     async def finish(self, text: str) -> None:
-        wait = self._min_interval - (time.monotonic() - self._last_write)
+        wait = self._min_interval - (self._clock() - self._last_write)
         if wait > 0:
             await asyncio.sleep(wait)
         if not await self._show(text) and self._refused is not None:
@@ -213,7 +215,7 @@ class SlackReply:
         return complete
 
     async def _post(self, text: str) -> bool:
-        self._last_write = time.monotonic()
+        self._last_write = self._clock()
         response = await self._write(
             "chat.postMessage",
             self._client.chat_postMessage(
@@ -233,7 +235,7 @@ class SlackReply:
         return True
 
     async def _edit(self, index: int, text: str) -> bool:
-        self._last_write = time.monotonic()
+        self._last_write = self._clock()
         ts = self._messages[index][0]
         editing = self._client.chat_update(channel=self._channel, ts=ts, text=text)
         response = await self._write("chat.update", editing)

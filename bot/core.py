@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -78,7 +78,14 @@ class _ChannelLocks:
 
 
 class Bot:
-    def __init__(self, settings: Settings, storage: Storage, service: ModelService) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        storage: Storage,
+        service: ModelService,
+        clock: Callable[[], float] = time.monotonic,  # throttles streamed updates; tests pass a fake
+    ) -> None:
+        self._clock = clock
         self._settings = settings
         self._storage = storage
         self._service = service
@@ -229,11 +236,11 @@ class Bot:
         parts: list[str] = []
         try:
             stream = self._service.stream(request)
-            last_update = time.monotonic()
+            last_update = self._clock()
             sent = ""
             async for delta in stream:
                 parts.append(delta)
-                now = time.monotonic()
+                now = self._clock()
                 if now - last_update >= settings.stream_interval:
                     partial = "".join(parts)
                     if partial.strip() and partial != sent:

@@ -107,14 +107,39 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     return Settings(_env_file=None, **values)
 
 
+class SteppingClock:
+    """A fake ``time.monotonic`` for the core: every reading returns the time, then moves it ``step`` on.
+
+    The core reads its clock once when a stream starts and once per streamed piece, so with
+    ``stream_interval = n * step`` it passes on every n-th piece, whatever the machine's speed. Use
+    steps that are exact in binary (0.25, 0.5, ...) so the comparisons have no rounding.
+    """
+
+    def __init__(self, step: float, start: float = 0.0) -> None:
+        self.step = step
+        self.now = start
+        self.readings = 0
+
+    def __call__(self) -> float:
+        now = self.now
+        self.now += self.step
+        self.readings += 1
+        return now
+
+
 @asynccontextmanager
 async def bot_stack(
-    tmp_path: Path, generator: ScriptedGenerator | None = None, **overrides: Any
+    tmp_path: Path,
+    generator: ScriptedGenerator | None = None,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    **overrides: Any,
 ) -> AsyncIterator[BotStack]:
     """The real core, storage and model service around a scripted generator.
 
     Opening a second stack over the same ``tmp_path`` simulates a restart (same SQLite file,
-    a new process instance id).
+    a new process instance id). ``clock`` is the core's (see ``SteppingClock``); ``overrides`` are
+    settings.
     """
     settings = make_settings(tmp_path, **overrides)
     gen = generator or ScriptedGenerator()
@@ -122,7 +147,7 @@ async def bot_stack(
     service = ModelService(lambda: gen, queue_size=settings.queue_size, timeout_s=settings.request_timeout_s)
     await service.start()
     try:
-        yield BotStack(Bot(settings, storage, service), storage, service, settings, gen)
+        yield BotStack(Bot(settings, storage, service, clock=clock), storage, service, settings, gen)
     finally:
         await service.close()
         await storage.close()

@@ -8,19 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from bot.model import model as model_module
 from bot.model.kernels import native
 from bot.model.loader import load_model
 from bot.model.model import decode_attention
-from tests.model.fixture import expected, tiny_dir
+from tests.model.fixture import expected, require_native_kernel, tiny_dir
 
 BF16_STEP = 2.0**-7  # bfloat16's relative spacing: its rounding moves a value by at most half of it
 
 
 @pytest.fixture(scope="module", autouse=True)
 def kernel() -> None:
-    if not native.available():
-        pytest.skip(f"native kernel unavailable here: {native.backend_name()}")
+    require_native_kernel()
 
 
 def caches(batch: int, slots: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -106,10 +104,10 @@ def test_the_models_decode_steps_use_it_and_stay_close_to_pytorchs_path(
         calls.append(1)
         return compiled(*args)
 
-    monkeypatch.setattr(model_module.native, "decode_attention", counted)
+    monkeypatch.setattr(native, "decode_attention", counted)  # the module bot.model.model calls
     fast = decode_logits(tiny_dir("int4"))
     assert calls  # every decode step's layers took the compiled attention
-    monkeypatch.setattr(model_module.native, "decode_attention", lambda *args: None)
+    monkeypatch.setattr(native, "decode_attention", lambda *args: None)
     torch_path = decode_logits(tiny_dir("int4"))
     spread = torch_path.std(dim=-1, keepdim=True)
     assert ((fast - torch_path).abs() <= 0.02 * spread).all()

@@ -22,7 +22,7 @@ from bot.model.kernels import native
 from bot.model.loader import load_model
 from bot.model.model import ChatGLM2
 from bot.model.quant import Int4Linear, dequantize_int4, quantize_int4, quantize_int4_terms
-from tests.model.fixture import expected, tiny_dir
+from tests.model.fixture import expected, require_native_kernel, tiny_dir
 
 MARGIN = 0.5
 LOGIT_TOLERANCE = 0.10  # of the reference logits' standard deviation
@@ -30,8 +30,7 @@ LOGIT_TOLERANCE = 0.10  # of the reference logits' standard deviation
 
 @pytest.fixture(scope="module")
 def kernel() -> None:
-    if not native.available():
-        pytest.skip(f"native int4 kernel unavailable here: {native.backend_name()}")
+    require_native_kernel()
 
 
 def random_layer(out: int, in_features: int, bias: bool, seed: int, terms: int = 1) -> Int4Linear:
@@ -113,7 +112,7 @@ def teacher_forced_logits(model: ChatGLM2, case: dict[str, Any]) -> torch.Tensor
     ids = prompt + case["greedy_8_no_eos_stop_ids"]
     model.setup_caches(1, len(ids))
     with torch.inference_mode():
-        logits = model(torch.tensor([ids]), torch.arange(len(ids)))[0]
+        logits: torch.Tensor = model(torch.tensor([ids]), torch.arange(len(ids)))[0]
     return logits[len(prompt) - 1 : len(ids) - 1]
 
 

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from bot.model.kernels import native
+from tests.model.fixture import require_native_kernel
 
 BLOCK = native.BLOCK
 REPO = Path(__file__).resolve().parents[2]
@@ -38,8 +39,7 @@ def cache_dir(request: pytest.FixtureRequest) -> Path:
 
 @pytest.fixture(scope="session")
 def kernel(cache_dir: Path) -> None:
-    if not native.available():
-        pytest.skip(f"native int4 kernel unavailable here: {native.backend_name()}")
+    require_native_kernel()
 
 
 def official(out: int, in_features: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,7 @@ from bot.model.kernels import native
 from bot.model.loader import ModelLoadError, load_model, resolve_model_path
 from bot.model.model import ChatGLM2
 from bot.model.quant import Int4Linear
-from tests.model.fixture import expected, tiny_dir
+from tests.model.fixture import expected, require_native_kernel, tiny_dir
 
 Kind = Literal["fp32", "int4"]
 PROMPT = next(p["input_ids"] for p in expected()["tokenizer"]["chat_prompts"] if p["name"] == "zh_single")
@@ -29,7 +29,8 @@ def last_logits(path: Path, **kwargs: object) -> torch.Tensor:
     assert tokenizer.vocab_size == 605 and config.num_layers == 2
     model.setup_caches(1, 64)
     with torch.inference_mode():
-        return model(torch.tensor([PROMPT]), torch.arange(len(PROMPT)))[0, -1]
+        logits: torch.Tensor = model(torch.tensor([PROMPT]), torch.arange(len(PROMPT)))[0, -1]
+    return logits
 
 
 def want(kind: str) -> torch.Tensor:
@@ -118,8 +119,7 @@ def test_auto_dtype_is_bfloat16_with_the_fastest_int4_kernel_for_an_fp16_checkpo
 
 @pytest.mark.parametrize("int4_kernel", ["auto", "native"])
 def test_native_kernel_runs_every_int4_layer_and_a_two_term_output_layer(int4_kernel: str) -> None:
-    if not native.available():
-        pytest.skip(f"native int4 kernel unavailable here: {native.backend_name()}")
+    require_native_kernel()
     model, _, _ = load_model(tiny_dir("int4"), dtype="bfloat16", device="cpu", int4_kernel=int4_kernel)
     head = model.transformer.output_layer
     assert int4_layer_backends(model) == {"native"}
@@ -149,8 +149,8 @@ def test_without_the_kernel_auto_falls_back_and_native_is_an_error() -> None:
 
 @pytest.mark.parametrize("int4_kernel", ["auto", "native", "torch"])
 def test_float32_is_the_exact_reference_whatever_the_int4_kernel(int4_kernel: str) -> None:
-    if int4_kernel == "native" and not native.available():
-        pytest.skip(f"native int4 kernel unavailable here: {native.backend_name()}")
+    if int4_kernel == "native":
+        require_native_kernel()
     got = last_logits(tiny_dir("int4"), int4_kernel=int4_kernel)
     torch.testing.assert_close(got, want("int4"), atol=1e-4, rtol=0)
 

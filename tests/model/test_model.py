@@ -32,7 +32,8 @@ def model(request: pytest.FixtureRequest) -> tuple[str, ChatGLM2]:
 
 def full_logits(model: ChatGLM2, ids: list[int]) -> torch.Tensor:
     with torch.inference_mode():
-        return model(torch.tensor([ids]), torch.arange(len(ids)))[0]
+        logits: torch.Tensor = model(torch.tensor([ids]), torch.arange(len(ids)))[0]
+    return logits
 
 
 def test_last_logits_match_official(model: tuple[str, ChatGLM2]) -> None:

@@ -12,6 +12,7 @@ from bot.model.config import ChatGLM2Config
 from bot.model.kernels import native
 from bot.model.model import ChatGLM2, RMSNorm, apply_rope, rope_cache
 from bot.model.quant import Int4Linear, prepare_int4, quantize_int4
+from tests.model.fixture import require_native_kernel
 
 BF16_STEP = 2.0**-7  # bfloat16's relative spacing: its rounding moves a value by at most half of it
 TINY = ChatGLM2Config(
@@ -27,8 +28,7 @@ TINY = ChatGLM2Config(
 
 @pytest.fixture(scope="module", autouse=True)
 def kernel() -> None:
-    if not native.available():
-        pytest.skip(f"native kernel unavailable here: {native.backend_name()}")
+    require_native_kernel()
 
 
 def randn(*shape: int, seed: int, scale: float = 1.0) -> torch.Tensor:
@@ -223,10 +223,10 @@ def test_a_layer_off_the_int4_kernel_keeps_the_modules() -> None:
     model = tiny_model(torch.bfloat16)
     assert model.use_native_ops()
     want = batched_decode(model)
-    model.blocks[1].mlp.dense_4h_to_h.packed_native = None  # as if this linear were on PyTorch's kernels
-    model.blocks[1].mlp.dense_4h_to_h.weight, model.blocks[1].mlp.dense_4h_to_h.weight_scale = quantize_int4(
-        randn(TINY.hidden_size, TINY.ffn_hidden_size, seed=1)
-    )
+    layer = model.blocks[1].mlp.dense_4h_to_h
+    assert isinstance(layer, Int4Linear)
+    layer.packed_native = None  # as if this linear were on PyTorch's kernels
+    layer.weight, layer.weight_scale = quantize_int4(randn(TINY.hidden_size, TINY.ffn_hidden_size, seed=1))
     model.use_native_ops()
     got = batched_decode(model)
     assert model._compiled_decode_step() is None

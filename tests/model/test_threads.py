@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,7 @@ def test_usable_cores_honours_the_cgroup_quota(
     if cpu_max is not None:
         path.write_text(cpu_max + "\n")
     monkeypatch.setattr(threads, "_CGROUP_CPU_MAX", path)
-    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda _pid: set(range(affinity)))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(affinity)))
     assert threads.usable_cores() == want
 
 

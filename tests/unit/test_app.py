@@ -76,7 +76,7 @@ async def test_console_run_recovers_and_ends_with_the_chat(
             return None
 
     console = Console()
-    await asyncio.wait_for(app.run(settings, console=console), 10)  # type: ignore[arg-type]
+    await asyncio.wait_for(app.run(settings, console=console), 10)
     assert console.reply.final == ("finish", "Answer 1 to: hi")
     assert len(seen) == 1  # stop() was called on the way out
 

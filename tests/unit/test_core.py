@@ -19,7 +19,7 @@ from bot.events import (
 from bot.generation import GenerationRequest
 from bot.sanitize import clean_text
 from storage.repository import ClaimResult, EventStatus
-from tests.support import RecordingReply, ScriptedGenerator, bot_stack
+from tests.support import RecordingReply, ScriptedGenerator, SteppingClock, bot_stack
 
 CHANNEL = ChannelRef("slack", "C1", "1700000000.000100")
 _ids = itertools.count()
@@ -44,24 +44,42 @@ async def ask(bot, message: IncomingMessage) -> tuple[Outcome, RecordingReply]: 
 
 
 async def test_answer_is_streamed_and_persisted(tmp_path: Path) -> None:
-    gen = ScriptedGenerator(lambda r: "alpha beta gamma delta", token_delay=0.03)
-    async with bot_stack(tmp_path, gen, stream_interval=0.05) as stack:
+    gen = ScriptedGenerator(lambda r: "alpha beta gamma delta")
+    # One clock step per piece and an interval of one step: every piece is passed on.
+    async with bot_stack(tmp_path, gen, clock=SteppingClock(0.25), stream_interval=0.25) as stack:
         outcome, reply = await ask(stack.bot, msg("hello"))
         turns = await stack.storage.recent_turns(CHANNEL, 10)
     assert outcome is Outcome.ANSWERED
-    assert reply.calls[0] == ("begin", "")
-    assert reply.final == ("finish", "alpha beta gamma delta")
-    assert reply.updates, "partial text should have been streamed"
-    assert all("alpha beta gamma delta".startswith(update) for update in reply.updates)
+    assert reply.calls == [
+        ("begin", ""),
+        ("update", "alpha"),
+        ("update", "alpha beta"),
+        ("update", "alpha beta gamma"),
+        ("update", "alpha beta gamma delta"),
+        ("finish", "alpha beta gamma delta"),
+    ]
     assert [(t.user, t.assistant) for t in turns] == [("hello", "alpha beta gamma delta")]
 
 
 async def test_updates_are_throttled(tmp_path: Path) -> None:
-    gen = ScriptedGenerator(lambda r: "w " * 40, token_delay=0.01)
-    async with bot_stack(tmp_path, gen, stream_interval=0.1) as stack:
+    gen = ScriptedGenerator(lambda r: "w " * 40)
+    clock = SteppingClock(0.25)
+    # 41 pieces ("w", " w" 39 times, the trailing " ") a quarter second apart, at most one update a
+    # second: the 4th, 8th, ..., 40th piece.
+    async with bot_stack(tmp_path, gen, clock=clock, stream_interval=1.0) as stack:
         _, reply = await ask(stack.bot, msg("hello"))
-    # ~0.4 s of generation at one update per 0.1 s: far fewer updates than tokens.
-    assert 1 <= len(reply.updates) <= 6
+    assert clock.readings == 1 + 41  # the stream's start, then each piece
+    assert reply.updates == [" ".join(["w"] * pieces) for pieces in range(4, 41, 4)]
+    assert reply.final == ("finish", ("w " * 40).strip())
+
+
+async def test_updates_come_a_full_interval_apart(tmp_path: Path) -> None:
+    gen = ScriptedGenerator(lambda r: "  one two three four five")
+    # Pieces: "  one", " two", ... at 0.5 s, 1.0 s, ...; an update needs 1.0 s since the last one.
+    async with bot_stack(tmp_path, gen, clock=SteppingClock(0.5), stream_interval=1.0) as stack:
+        _, reply = await ask(stack.bot, msg("hello"))
+    assert reply.updates == ["  one two", "  one two three four"]
+    assert reply.final == ("finish", "one two three four five")
 
 
 async def test_conversation_continues_and_is_per_thread(tmp_path: Path) -> None:

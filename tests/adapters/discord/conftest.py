@@ -16,6 +16,8 @@ from tests.adapters.discord.fake_discord import FakeDiscord
 from tests.support import BotStack, ScriptedGenerator, bot_stack
 
 Running = tuple[DiscordAdapter, BotStack]
+# The ``running`` fixture: ``running(generator, **settings)`` starts the adapter in front of the core.
+StartRunning = Callable[..., AbstractAsyncContextManager[Running]]
 
 
 @pytest.fixture
@@ -50,7 +52,7 @@ def discord_settings(fake: FakeDiscord, **overrides: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-def running(tmp_path: Path, fake: FakeDiscord) -> Callable[..., AbstractAsyncContextManager[Running]]:
+def running(tmp_path: Path, fake: FakeDiscord) -> StartRunning:
     """``async with running(generator, **settings) as (adapter, stack)``: the core behind the adapter."""
 
     @asynccontextmanager

@@ -56,13 +56,13 @@ def _json(data: Any, status: int = 200) -> web.Response:
 class Call:
     method: str
     path: str  # below the API base, e.g. "/channels/1/messages"
-    body: dict[str, Any] | None
+    body: dict[str, Any] | list[Any] | None  # JSON: an object, or a list for bulk command registration
     query: dict[str, str]
 
     @property
     def carries_content(self) -> bool:
         """A send or edit with text (anything that could mention someone)."""
-        if self.body is None:
+        if not isinstance(self.body, dict):
             return False
         data = self.body.get("data", self.body) if "/callback" in self.path else self.body
         return isinstance(data, dict) and "content" in data
@@ -127,7 +127,7 @@ class FakeDiscord:
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
         server = site._server
-        assert server is not None and server.sockets
+        assert isinstance(server, asyncio.Server) and server.sockets
         self.port = server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
@@ -326,7 +326,7 @@ class FakeDiscord:
         leaks = []
         for call in self.calls:
             if call.carries_content:
-                assert call.body is not None
+                assert isinstance(call.body, dict)
                 data = call.body.get("data", call.body) if "/callback" in call.path else call.body
                 if data.get("allowed_mentions") != {"parse": []}:
                     leaks.append(call)
@@ -448,7 +448,7 @@ class FakeDiscord:
 
     async def _route(self, call: Call) -> web.StreamResponse:
         parts = call.path.strip("/").split("/")
-        body = call.body or {}
+        body = call.body if isinstance(call.body, dict) else {}
         match call.method, parts:
             case "GET", ["users", "@me"]:
                 return _json(user_payload(BOT_ID, "chatglm", bot=True) | {"flags": 0})
@@ -475,9 +475,9 @@ class FakeDiscord:
                 self.posted[int(message)].deleted = True
                 return web.Response(status=204)
             case "PUT", ["applications", _, "commands"]:
-                return _json(self._register("global", call.body or []))
+                return _json(self._register("global", call.body if isinstance(call.body, list) else []))
             case "PUT", ["applications", _, "guilds", guild, "commands"] if guild == str(GUILD_ID):
-                return _json(self._register(guild, call.body or []))
+                return _json(self._register(guild, call.body if isinstance(call.body, list) else []))
             case "PUT", ["applications", _, "guilds", _, "commands"]:  # a server the bot is not in
                 return _json({"message": "Missing Access", "code": 50001}, status=403)
         return _json({"message": "404: Not Found", "code": 0}, status=404)

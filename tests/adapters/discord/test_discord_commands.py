@@ -9,6 +9,7 @@ import pytest
 from adapters.discord_commands import STALE_COMMAND, unknown_command
 from bot.core import HELP_TEXT, RESET_REFUSAL, RESET_TEXT
 from bot.events import ChannelRef
+from tests.adapters.discord.conftest import StartRunning
 from tests.adapters.discord.fake_discord import (
     ADMIN_ROLE_PERMISSIONS,
     APP_ID,
@@ -27,7 +28,9 @@ async def ask(fake: FakeDiscord, channel: int, prompt: str, expected: str) -> st
     return interaction.token
 
 
-async def test_ask_defers_then_streams_edits_ending_with_the_model_text(fake: FakeDiscord, running) -> None:
+async def test_ask_defers_then_streams_edits_ending_with_the_model_text(
+    fake: FakeDiscord, running: StartRunning
+) -> None:
     channel = fake.add_channel()
     generator = ScriptedGenerator(lambda request: f"{request.query}: {WORDS}", token_delay=0.01)
     expected = f"count: {WORDS}"
@@ -53,7 +56,7 @@ async def test_ask_defers_then_streams_edits_ending_with_the_model_text(fake: Fa
 
 
 async def test_ask_twice_continues_the_channel_and_threads_are_their_own_conversation(
-    fake: FakeDiscord, running
+    fake: FakeDiscord, running: StartRunning
 ) -> None:
     channel, other = fake.add_channel(), fake.add_channel()
     thread = fake.add_thread(channel)
@@ -70,7 +73,7 @@ async def test_ask_twice_continues_the_channel_and_threads_are_their_own_convers
     assert [turn.user for turn in in_channel] == ["first", "second"]
 
 
-async def test_reset_by_allowed_and_disallowed_members(fake: FakeDiscord, running) -> None:
+async def test_reset_by_allowed_and_disallowed_members(fake: FakeDiscord, running: StartRunning) -> None:
     channel = fake.add_channel()
     async with running(discord_admin_ids="4242"):
         await ask(fake, channel, "one", "Answer 1 to: one")
@@ -94,7 +97,7 @@ async def test_reset_by_allowed_and_disallowed_members(fake: FakeDiscord, runnin
         await ask(fake, channel, "four", "Answer 1 to: four")
 
 
-async def test_reset_in_a_dm_is_the_users_own_choice(fake: FakeDiscord, running) -> None:
+async def test_reset_in_a_dm_is_the_users_own_choice(fake: FakeDiscord, running: StartRunning) -> None:
     dm = fake.snowflake()
     async with running():
         first = await fake.slash_command("ask", dm, options={"prompt": "hi"}, direct=True)
@@ -103,7 +106,7 @@ async def test_reset_in_a_dm_is_the_users_own_choice(fake: FakeDiscord, running)
         await fake.wait_for(lambda: fake.answer_text(reset.token) == RESET_TEXT)
 
 
-async def test_help_is_ephemeral(fake: FakeDiscord, running) -> None:
+async def test_help_is_ephemeral(fake: FakeDiscord, running: StartRunning) -> None:
     channel = fake.add_channel()
     async with running():
         interaction = await fake.slash_command("help", channel)
@@ -112,7 +115,9 @@ async def test_help_is_ephemeral(fake: FakeDiscord, running) -> None:
     assert fake.originals[interaction.token].ephemeral
 
 
-async def test_an_ignored_command_removes_the_deferred_response(fake: FakeDiscord, running) -> None:
+async def test_an_ignored_command_removes_the_deferred_response(
+    fake: FakeDiscord, running: StartRunning
+) -> None:
     channel = fake.add_channel()
     generator = ScriptedGenerator()
     async with running(generator, access_denied_mode="silent", discord_allowed_users="someone-else"):
@@ -125,7 +130,7 @@ async def test_an_ignored_command_removes_the_deferred_response(fake: FakeDiscor
 
 
 async def test_twenty_concurrent_asks_in_different_channels_are_each_answered_once(
-    fake: FakeDiscord, running
+    fake: FakeDiscord, running: StartRunning
 ) -> None:
     channels = [fake.add_channel() for _ in range(20)]
     generator = ScriptedGenerator(token_delay=0.002)
@@ -165,7 +170,7 @@ def logged(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str, bool]]:
 
 
 async def test_a_stale_or_unknown_command_is_explained_with_one_warning(
-    fake: FakeDiscord, running, caplog: pytest.LogCaptureFixture
+    fake: FakeDiscord, running: StartRunning, caplog: pytest.LogCaptureFixture
 ) -> None:
     channel = fake.add_channel()
     generator = ScriptedGenerator()
@@ -191,7 +196,7 @@ async def test_a_stale_or_unknown_command_is_explained_with_one_warning(
 
 
 async def test_autocomplete_gets_no_suggestions_and_logs_nothing(
-    fake: FakeDiscord, running, caplog: pytest.LogCaptureFixture
+    fake: FakeDiscord, running: StartRunning, caplog: pytest.LogCaptureFixture
 ) -> None:
     channel = fake.add_channel()
     generator = ScriptedGenerator()
@@ -206,7 +211,7 @@ async def test_autocomplete_gets_no_suggestions_and_logs_nothing(
 
 
 async def test_a_replayed_or_expired_interaction_logs_one_line_without_traceback(
-    fake: FakeDiscord, running, caplog: pytest.LogCaptureFixture
+    fake: FakeDiscord, running: StartRunning, caplog: pytest.LogCaptureFixture
 ) -> None:
     channel = fake.add_channel()
     generator = ScriptedGenerator()

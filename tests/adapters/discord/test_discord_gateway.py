@@ -12,7 +12,7 @@ import pytest
 from adapters.discord_adapter import DiscordAdapter
 from bot.config import ConfigError
 from bot.events import ChannelRef, IncomingMessage, Outcome, PlatformUnreachable, ReplyHandle, message_to_dict
-from tests.adapters.discord.conftest import discord_settings
+from tests.adapters.discord.conftest import StartRunning, discord_settings
 from tests.adapters.discord.fake_discord import BOT_ID, MESSAGE_CONTENT_INTENT, FakeDiscord
 from tests.support import ScriptedGenerator, bot_stack
 
@@ -21,7 +21,7 @@ GUILDS, GUILD_MESSAGES, DM_MESSAGES = 1 << 0, 1 << 9, 1 << 12
 
 
 async def test_a_reconnect_request_mid_generation_resumes_and_the_answer_completes(
-    fake: FakeDiscord, running
+    fake: FakeDiscord, running: StartRunning
 ) -> None:
     channel, other = fake.add_channel(), fake.add_channel()
     generator = ScriptedGenerator(lambda request: f"{request.query}: {WORDS}", token_delay=0.01)
@@ -43,7 +43,9 @@ async def test_a_reconnect_request_mid_generation_resumes_and_the_answer_complet
     assert len([call for call in fake.calls if call.path.endswith("/callback")]) == 3
 
 
-async def test_heartbeats_keep_flowing_while_the_model_generates(fake: FakeDiscord, running) -> None:
+async def test_heartbeats_keep_flowing_while_the_model_generates(
+    fake: FakeDiscord, running: StartRunning
+) -> None:
     fake.heartbeat_interval_ms = 50
     channel = fake.add_channel()
     generator = ScriptedGenerator(lambda request: WORDS, token_delay=0.02)  # about one second
@@ -60,7 +62,7 @@ async def test_heartbeats_keep_flowing_while_the_model_generates(fake: FakeDisco
 
 @pytest.mark.parametrize("message_content", [False, True])
 async def test_intents_ask_for_message_content_only_when_configured(
-    fake: FakeDiscord, running, message_content: bool
+    fake: FakeDiscord, running: StartRunning, message_content: bool
 ) -> None:
     async with running(discord_message_content=message_content):
         pass
@@ -70,14 +72,18 @@ async def test_intents_ask_for_message_content_only_when_configured(
     assert bool(intents & MESSAGE_CONTENT_INTENT) is message_content
 
 
-async def test_a_refused_privileged_intent_is_a_clear_start_error(fake: FakeDiscord, running) -> None:
+async def test_a_refused_privileged_intent_is_a_clear_start_error(
+    fake: FakeDiscord, running: StartRunning
+) -> None:
     fake.message_content_allowed = False
     with pytest.raises(ConfigError, match="message content intent"):
         async with running(discord_message_content=True):
             pass
 
 
-async def test_a_rejected_token_is_a_clear_start_error_without_the_token(fake: FakeDiscord, running) -> None:
+async def test_a_rejected_token_is_a_clear_start_error_without_the_token(
+    fake: FakeDiscord, running: StartRunning
+) -> None:
     fake.token = "the-real-token"
     with pytest.raises(ConfigError, match="rejected DISCORD_BOT_TOKEN") as error:
         async with running():
@@ -133,7 +139,9 @@ async def test_unanswered_messages_are_answered_after_a_restart(fake: FakeDiscor
             await adapter.stop()
 
 
-async def test_an_expired_interaction_cannot_be_answered_after_a_restart(fake: FakeDiscord, running) -> None:
+async def test_an_expired_interaction_cannot_be_answered_after_a_restart(
+    fake: FakeDiscord, running: StartRunning
+) -> None:
     issued = datetime.now(UTC) - timedelta(minutes=16)
     message = IncomingMessage(
         event_id=str(discord.utils.time_snowflake(issued)),

@@ -10,6 +10,7 @@ from adapters.text import split_message
 from bot.core import RESET_REFUSAL, RESET_TEXT
 from bot.events import ChannelRef
 from bot.generation import GenerationRequest
+from tests.adapters.discord.conftest import StartRunning
 from tests.adapters.discord.fake_discord import BOT_ID, GUILD_ID, FakeDiscord, Posted
 from tests.support import ScriptedGenerator
 
@@ -17,12 +18,15 @@ from tests.support import ScriptedGenerator
 async def answer_to(fake: FakeDiscord, message_id: int, expected: str) -> list[Posted]:
     """Wait until the replies to ``message_id`` read ``expected`` (one per part, in order)."""
     parts = split_message(expected, 2000)
-    return await fake.wait_for(
+    replies: list[Posted] = await fake.wait_for(
         lambda: (replies := fake.replies_to(message_id)) and [r.content for r in replies] == parts and replies
     )
+    return replies
 
 
-async def test_a_mention_gets_a_reply_and_everything_else_is_ignored(fake: FakeDiscord, running) -> None:
+async def test_a_mention_gets_a_reply_and_everything_else_is_ignored(
+    fake: FakeDiscord, running: StartRunning
+) -> None:
     channel = fake.add_channel()
     generator = ScriptedGenerator()
     async with running(generator):
@@ -38,13 +42,15 @@ async def test_a_mention_gets_a_reply_and_everything_else_is_ignored(fake: FakeD
     assert [request.query for request in generator.requests] == ["what is up?", "and then?"]
     assert len(fake.posted) == 2  # the two replies, nothing for the ignored messages
     create = next(call for call in fake.calls if call.method == "POST" and call.path.endswith("/messages"))
-    assert create.body is not None
+    assert isinstance(create.body, dict)
     assert create.body["content"] == PLACEHOLDER  # posted at once, then edited with the answer
     assert int(create.body["message_reference"]["message_id"]) == first
     assert reply.channel_id == channel
 
 
-async def test_a_mention_in_a_thread_is_answered_in_the_thread(fake: FakeDiscord, running) -> None:
+async def test_a_mention_in_a_thread_is_answered_in_the_thread(
+    fake: FakeDiscord, running: StartRunning
+) -> None:
     channel = fake.add_channel()
     thread = fake.add_thread(channel)
     async with running():
@@ -56,7 +62,7 @@ async def test_a_mention_in_a_thread_is_answered_in_the_thread(fake: FakeDiscord
     assert reply.channel_id == thread
 
 
-async def test_any_dm_is_answered_and_reads_reset_itself(fake: FakeDiscord, running) -> None:
+async def test_any_dm_is_answered_and_reads_reset_itself(fake: FakeDiscord, running: StartRunning) -> None:
     dm = fake.snowflake()
     async with running():
         first = await fake.user_message(dm, "hello in private", direct=True)
@@ -73,7 +79,9 @@ async def test_any_dm_is_answered_and_reads_reset_itself(fake: FakeDiscord, runn
 LONG = {"max_new_tokens": 2000, "max_context_tokens": 4096}
 
 
-async def test_reset_by_mention_follows_the_reset_permission(fake: FakeDiscord, running) -> None:
+async def test_reset_by_mention_follows_the_reset_permission(
+    fake: FakeDiscord, running: StartRunning
+) -> None:
     channel = fake.add_channel()
     async with running(discord_admin_ids="4242"):
         first = await fake.user_message(channel, f"<@{BOT_ID}> one", mentions=(BOT_ID,))
@@ -113,7 +121,9 @@ def assert_split_well(parts: list[str], text: str) -> None:
     assert words("\n".join(parts)) == words(text)  # nothing lost, nothing repeated
 
 
-async def test_a_5000_character_answer_continues_in_follow_ups(fake: FakeDiscord, running) -> None:
+async def test_a_5000_character_answer_continues_in_follow_ups(
+    fake: FakeDiscord, running: StartRunning
+) -> None:
     channel = fake.add_channel()
     expected = long_answer(GenerationRequest(query="splitting"))
     async with running(ScriptedGenerator(long_answer), **LONG):
@@ -129,7 +139,7 @@ async def test_a_5000_character_answer_continues_in_follow_ups(fake: FakeDiscord
 
 
 async def test_a_5000_character_answer_to_a_mention_continues_in_further_replies(
-    fake: FakeDiscord, running
+    fake: FakeDiscord, running: StartRunning
 ) -> None:
     channel = fake.add_channel()
     expected = long_answer(GenerationRequest(query="splitting"))
@@ -139,7 +149,7 @@ async def test_a_5000_character_answer_to_a_mention_continues_in_further_replies
     assert_split_well([reply.content for reply in replies], expected)
 
 
-async def test_no_send_or_edit_can_ping_anyone(fake: FakeDiscord, running) -> None:
+async def test_no_send_or_edit_can_ping_anyone(fake: FakeDiscord, running: StartRunning) -> None:
     channel = fake.add_channel()
     hostile = "@everyone @here <@&900000000000000099> <@1001> look at this! " + "filler " * 400
 
@@ -169,7 +179,7 @@ async def test_no_send_or_edit_can_ping_anyone(fake: FakeDiscord, running) -> No
     assert "@everyone" in fake.originals[interaction.token].content  # the text itself is kept
 
 
-async def test_deleting_the_question_cancels_its_answer(fake: FakeDiscord, running) -> None:
+async def test_deleting_the_question_cancels_its_answer(fake: FakeDiscord, running: StartRunning) -> None:
     channel = fake.add_channel()
     generator = ScriptedGenerator(lambda request: "w " * 2000, token_delay=0.005)
     async with running(generator, **LONG) as (_, stack):

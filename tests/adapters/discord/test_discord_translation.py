@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import cast
 
+import aiohttp
 import discord
 import pytest
 
@@ -44,7 +46,9 @@ class RecordingReply(DiscordReply):
     async def _edit(self, message_id: int, content: str) -> None:
         if self.broken_edits:
             self.broken_edits -= 1
-            raise discord.HTTPException(SimpleNamespace(status=503, reason="Service Unavailable"), "down")
+            # HTTPException reads only the response's status and reason.
+            response = cast(aiohttp.ClientResponse, SimpleNamespace(status=503, reason="Service Unavailable"))
+            raise discord.HTTPException(response, "down")
         self.messages[message_id] = content
         self.ops.append(f"edit {message_id}")
 

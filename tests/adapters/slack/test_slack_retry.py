@@ -3,6 +3,7 @@ connection, a timeout) and the Retry-After forms a proxy may send."""
 
 from __future__ import annotations
 
+import asyncio
 from types import SimpleNamespace
 
 import aiohttp
@@ -18,8 +19,10 @@ from adapters.slack_reply import MAX_RETRIES, TransientRetryHandler
 REQUEST = HttpRequest(method="POST", url="http://127.0.0.1/api/chat.update", headers={})
 
 
-def response(status: int, body: dict[str, object] | None = None, **headers: str) -> HttpResponse:
-    return HttpResponse(status_code=status, headers=dict(headers), body=body)  # type: ignore[arg-type]
+def response(
+    status: int, body: dict[str, object] | None = None, headers: dict[str, str] | None = None
+) -> HttpResponse:
+    return HttpResponse(status_code=status, headers={k: [v] for k, v in (headers or {}).items()}, body=body)
 
 
 async def can_retry(response: HttpResponse | None = None, error: Exception | None = None) -> bool:
@@ -48,7 +51,7 @@ async def test_other_errors_are_not_retried() -> None:
 @pytest.mark.parametrize(("status", "retried"), [(502, True), (400, False)])
 async def test_an_unparsable_json_body_is_retried_by_its_status(status: int, retried: bool) -> None:
     # The SDK raises this one itself, holding the raw aiohttp response (``.status``).
-    error = SlackApiError("Received a response in a non-JSON format", SimpleNamespace(status=status))
+    error = SlackApiError("Received a response in a non-JSON format", SimpleNamespace(status=status))  # type: ignore[no-untyped-call]
     assert await can_retry(error=error) is retried
 
 
@@ -90,10 +93,10 @@ async def test_retry_after_is_honoured_and_capped(
     async def record(seconds: float) -> None:
         sleeps.append(seconds)
 
-    monkeypatch.setattr(slack_reply.asyncio, "sleep", record)
+    monkeypatch.setattr(asyncio, "sleep", record)
     state = RetryState()
     await TransientRetryHandler().prepare_for_next_attempt_async(
-        state=state, request=REQUEST, response=response(429, **{"Retry-After": retry_after})
+        state=state, request=REQUEST, response=response(429, headers={"Retry-After": retry_after})
     )
     assert sleeps == [slept]  # an unreadable value falls back to the backoff
     assert state.next_attempt_requested and state.current_attempt == 1
@@ -110,6 +113,6 @@ async def test_retry_after_is_honoured_and_capped(
 )
 async def test_failures_are_named_by_status_and_error_code(status: int, data: object, reason: str) -> None:
     async def refused() -> None:
-        raise SlackApiError("refused", SimpleNamespace(status_code=status, data=data))
+        raise SlackApiError("refused", SimpleNamespace(status_code=status, data=data))  # type: ignore[no-untyped-call]
 
     assert await slack_reply.try_slack("chat.update", refused()) == slack_reply.SlackFailure(reason)

@@ -15,6 +15,7 @@ import threading
 import time
 import urllib.parse
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -219,7 +220,11 @@ async def test_a_failed_name_lookup_keeps_the_id_and_is_retried_later(
         for number in (1, 2):
             event = mention(f"ask <@U7> {number}", user="U7")
             await deliver(rig, event_body(event))
-            await fake.wait_for(lambda n=number: len(rig.stack.generator.requests) == n)
+
+            def asked(n: int = number) -> bool:
+                return len(rig.stack.generator.requests) == n
+
+            await fake.wait_for(asked)
         queries = [request.query for request in rig.stack.generator.requests]
     assert queries[0] == "ask @U7 1"
     if retry_s:
@@ -399,7 +404,8 @@ async def test_a_12000_character_answer_is_split_into_thread_replies(tmp_path: P
     answer = answer[:12000].rstrip()
     assert len(answer) >= 11_900
     generator = ScriptedGenerator(lambda request: answer, max_context_tokens=8192)
-    room = {"max_new_tokens": 4096, "max_context_tokens": 8192}  # the answer is ~2,000 words
+    # The answer is ~2,000 words.
+    room: dict[str, Any] = {"max_new_tokens": 4096, "max_context_tokens": 8192}
     async with slack_rig(tmp_path, fake, generator, **room) as rig:
         event = mention("long one")
         await deliver(rig, event_body(event))
