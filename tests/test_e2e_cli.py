@@ -111,7 +111,7 @@ def test_console_chat_answers_like_the_official_chat_and_keeps_history(tmp_path:
     [
         (["chat"], {"BOT_MODEL_PATH": "/nonexistent/model"}, "BOT_MODEL_PATH"),
         # A hub id that cannot be fetched (offline: no traffic leaves this machine in tests).
-        (["chat"], {"BOT_MODEL_PATH": "nobody/no-such-model", "HF_HUB_OFFLINE": "1"}, "BOT_MODEL_PATH"),
+        (["chat"], {"BOT_MODEL_PATH": "nobody/no-such-model", "HF_HUB_OFFLINE": "1"}, "README's quick start"),
         (["chat"], {"BOT_TEMPERATURE": "hot"}, "BOT_TEMPERATURE"),
         (["chat"], {"BOT_MAX_NEW_TOKENS": "9000", "BOT_MAX_CONTEXT_TOKENS": "8192"}, "BOT_MAX_NEW_TOKENS"),
         (["chat"], {"BOT_DATABASE_URL": "mysql://root:hunter2@db/x"}, "database URL"),

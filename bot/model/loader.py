@@ -83,7 +83,9 @@ def resolve_model_path(path_or_hub_id: str | os.PathLike[str]) -> Path:
     except Exception as exc:  # offline, unknown repo, auth: all end the same way for the caller
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(
-            f"model folder {local} not found and hub download of {text!r} failed: {first_line}"
+            f"model folder {local} not found and hub download of {text!r} failed: {first_line} "
+            "(download the checkpoint folder once, see the README's quick start, and set "
+            "BOT_MODEL_PATH to it)"
         ) from None
 
 
