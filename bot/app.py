@@ -119,7 +119,7 @@ async def run(settings: Settings, *, console: Adapter | None = None) -> None:
     try:
         # The HTTP server comes up before the model loads (which can take minutes): /healthz
         # answers 503 "starting", /metrics works, and Slack's events get 503 until the bot is ready.
-        http_app = http.create_app(lambda: _health(service, loaded, supervisor.states))
+        http_app = http.create_app(lambda: _health(service, storage, loaded, supervisor.states))
         adapters = [console] if console is not None else platform_adapters(settings, http_app)
         if console is None:
             runner = await http.start_server(http_app, settings.http_host, settings.http_port)
@@ -211,10 +211,24 @@ class _Supervisor:
         await asyncio.gather(*self._retries, return_exceptions=True)
 
 
-def _health(service: ModelService, loaded: bool, states: dict[str, str]) -> dict[str, object]:
+async def _health(
+    service: ModelService, storage: Storage, loaded: bool, states: dict[str, str]
+) -> dict[str, object]:
+    database = "ok" if await storage.ping() else "down"
+    report: dict[str, object] = {
+        "model": "loaded" if loaded else "loading",
+        "database": database,
+        "adapters": dict(states),
+    }
     if not loaded:
-        return {"status": "starting", "model": "loading", "adapters": dict(states)}
-    return {"queue_depth": service.queue_depth, "in_flight": service.in_flight, "adapters": dict(states)}
+        return {"status": "starting", **report}
+    healthy = database == "ok" and all(state == "connected" for state in states.values())
+    return {
+        "status": "ok" if healthy else "degraded",
+        **report,
+        "queue_depth": service.queue_depth,
+        "in_flight": service.in_flight,
+    }
 
 
 async def _wait_until_stopped(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -13,16 +13,16 @@ from bot.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-HealthCheck = Callable[[], dict[str, object]]
+HealthCheck = Callable[[], Awaitable[dict[str, object]]]
 
 
 def create_app(health: HealthCheck) -> web.Application:
     app = web.Application(client_max_size=1024**2)
 
     async def healthz(request: web.Request) -> web.Response:
-        # ``status`` is "ok" once everything is up; anything else ("starting") is a 503, so a
-        # load balancer or orchestrator sends no traffic to a process still loading the model.
-        report = {"status": "ok", **health()}
+        # ``status`` is "ok" once everything is up; anything else ("starting", "degraded") is a 503,
+        # so a load balancer or orchestrator sends no traffic to a process that cannot answer.
+        report = {"status": "ok", **await health()}
         return web.json_response(report, status=200 if report["status"] == "ok" else 503)
 
     async def metrics(request: web.Request) -> web.Response:

@@ -109,6 +109,15 @@ class Storage:
             raise
         return cls(engine, instance_id or uuid.uuid4().hex)
 
+    async def ping(self, timeout_s: float = 2.0) -> bool:
+        """Whether the database answers a trivial query within ``timeout_s`` (for /healthz)."""
+        try:
+            async with asyncio.timeout(timeout_s), self._engine.connect() as connection:
+                await connection.execute(select(1))
+        except (OSError, DBAPIError, TimeoutError):
+            return False
+        return True
+
     async def close(self) -> None:
         if self._pending:  # calls whose callers were cancelled finish first
             await asyncio.gather(*self._pending, return_exceptions=True)

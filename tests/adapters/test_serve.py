@@ -105,6 +105,7 @@ async def test_an_unreachable_slack_leaves_discord_and_health_running(
         {"slack": "connecting", "discord": "connected"},
     )
     assert {"status", "queue_depth", "in_flight"} <= set(health)
+    assert health["status"] == "degraded"  # served with a 503: one platform is not answering
     log = caplog.text
     assert "slack is unreachable" in log and "rejected" not in log
 

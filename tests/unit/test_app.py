@@ -43,7 +43,14 @@ async def test_serve_exposes_health_and_metrics_and_shuts_down(
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-    assert health == {"status": "ok", "queue_depth": 0, "in_flight": 0, "adapters": {}}
+    assert health == {
+        "status": "ok",
+        "model": "loaded",
+        "database": "ok",
+        "adapters": {},
+        "queue_depth": 0,
+        "in_flight": 0,
+    }
     assert "chatglm_bot_queue_depth" in metrics
     assert "chatglm_bot_tokens_generated_total" in metrics
     # The port is free again: the server was shut down.
@@ -150,7 +157,7 @@ async def test_health_and_metrics_answer_while_the_model_is_still_loading(
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-    assert starting == (503, {"status": "starting", "model": "loading", "adapters": {}})
+    assert starting == (503, {"status": "starting", "model": "loading", "database": "ok", "adapters": {}})
     assert metrics_status == 200
     assert ready["status"] == "ok"
 
@@ -216,3 +223,23 @@ async def test_credentials_rejected_on_a_retry_stop_the_bot(
     monkeypatch.setattr(app, "platform_adapters", lambda settings, http_app: [flaky])
     with pytest.raises(ConfigError, match="rejected TOKEN"):
         await asyncio.wait_for(app.run(make_settings(tmp_path, http_port=free_port())), 10)
+
+
+async def test_health_is_degraded_when_the_database_does_not_answer(tmp_path: Path) -> None:
+    from bot.service import ModelService
+    from storage.repository import Storage
+
+    storage = await Storage.open(f"sqlite:///{tmp_path / 'bot.db'}")
+    service = ModelService(lambda: ScriptedGenerator())
+    try:
+        assert await storage.ping()
+        assert (await app._health(service, storage, True, {"discord": "connected"}))["status"] == "ok"
+
+        class Unanswering:
+            async def ping(self) -> bool:
+                return False
+
+        report = await app._health(service, Unanswering(), True, {})  # type: ignore[arg-type]
+    finally:
+        await storage.close()
+    assert report["status"] == "degraded" and report["database"] == "down"
