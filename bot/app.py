@@ -123,6 +123,8 @@ async def run(settings: Settings, *, console: Adapter | None = None) -> None:
         adapters = [console] if console is not None else platform_adapters(settings, http_app)
         if console is None:
             runner = await http.start_server(http_app, settings.http_host, settings.http_port)
+        if console is None:
+            await _check_tokens(settings)
         log.info("loading the model from %s", settings.model_path)
         await service.start()
         _check_context(settings, service.max_context_tokens)
@@ -135,6 +137,16 @@ async def run(settings: Settings, *, console: Adapter | None = None) -> None:
     finally:
         await supervisor.close()
         await _shutdown(adapters, runner, service, storage)
+
+
+async def _check_tokens(settings: Settings) -> None:
+    """Rejected platform tokens stop start-up before the (minutes-long) model load; an unreachable
+    platform does not: its adapter retries in the background once the model is loaded."""
+    from bot import doctor
+
+    for check in await doctor.platform_checks(settings):
+        if check.rejected:
+            raise ConfigError(f"{check.detail}; {check.advice}")
 
 
 def _check_context(settings: Settings, model_context: int) -> None:

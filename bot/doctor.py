@@ -39,6 +39,7 @@ class Check:
     name: str
     detail: str
     advice: str = ""
+    rejected: bool = False  # a platform refused the credentials: `serve` stops before the model loads
 
     def line(self) -> str:
         advice = f" -> {self.advice}" if self.advice else ""
@@ -154,6 +155,11 @@ async def _database(settings: Settings) -> Check:
     return Check("ok", "database", f"{shown} (schema {current or 'empty'}; the start migrates it to {head})")
 
 
+async def platform_checks(settings: Settings) -> list[Check]:
+    """The Slack and Discord token checks alone (cheap HTTP calls)."""
+    return await _platforms(settings)
+
+
 async def _platforms(settings: Settings) -> list[Check]:
     checks: list[Check] = []
     timeout = aiohttp.ClientTimeout(total=TIMEOUT_S)
@@ -179,9 +185,8 @@ async def _slack(settings: Settings, http: aiohttp.ClientSession) -> Check:
         return Check("problem", "slack", f"{settings.slack_api_url} unreachable ({type(exc).__name__})")
     if not isinstance(body, dict) or not body.get("ok"):
         error = body.get("error") if isinstance(body, dict) else "not a Slack answer"
-        return Check(
-            "problem", "slack", f"auth.test failed: {error}", "copy SLACK_BOT_TOKEN (xoxb-...) again"
-        )
+        reason = f"Slack rejected SLACK_BOT_TOKEN (auth.test: {error})"
+        return Check("problem", "slack", reason, "copy the bot token (xoxb-...) again", rejected=True)
     mode = "Socket Mode" if settings.slack_app_token else "HTTP events"
     wanted = _manifest_scopes()
     if scopes is not None:
@@ -214,7 +219,9 @@ async def _discord(settings: Settings, http: aiohttp.ClientSession) -> Check:
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         return Check("problem", "discord", f"{settings.discord_api_url} unreachable ({type(exc).__name__})")
     if status == 401:
-        return Check("problem", "discord", "Discord rejected DISCORD_BOT_TOKEN", "copy the bot token again")
+        return Check(
+            "problem", "discord", "Discord rejected DISCORD_BOT_TOKEN", "copy the bot token again", True
+        )
     if status != 200 or not isinstance(body, dict):
         return Check("problem", "discord", f"/users/@me answered HTTP {status}")
     return Check("ok", "discord", f"signed in as {body.get('username')} (id {body.get('id')})")

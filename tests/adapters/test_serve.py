@@ -113,8 +113,13 @@ async def test_an_unreachable_slack_leaves_discord_and_health_running(
 async def test_a_rejected_slack_token_still_stops_start_up(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    generator = ScriptedGenerator()
-    monkeypatch.setattr(app, "model_factory", lambda settings: lambda: generator)
+    loads: list[str] = []
+
+    def load() -> ScriptedGenerator:
+        loads.append("model")
+        return ScriptedGenerator()
+
+    monkeypatch.setattr(app, "model_factory", lambda settings: load)
     slack = await FakeSlack().start()
     try:
         settings = make_settings(
@@ -124,7 +129,9 @@ async def test_a_rejected_slack_token_still_stops_start_up(
             slack_app_token=APP_TOKEN,
             slack_api_url=slack.api_url,
         )
-        with pytest.raises(ConfigError, match="Slack rejected SLACK_BOT_TOKEN"):
+        with pytest.raises(ConfigError, match="Slack rejected SLACK_BOT_TOKEN") as error:
             await asyncio.wait_for(app.run(settings), 30)
     finally:
         await slack.close()
+    assert loads == []  # checked before the model load, which takes minutes for a real checkpoint
+    assert "xoxb-wrong" not in str(error.value)
