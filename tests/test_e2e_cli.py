@@ -231,3 +231,28 @@ def test_a_busy_http_port_stops_serve_with_one_line_before_the_model_loads(tmp_p
     assert lines[-1].startswith(f"chatglm-bot: error: BOT_HTTP_PORT: cannot listen on 127.0.0.1:{port}")
     assert "Traceback" not in result.stderr and "loading the model" not in result.stderr
     assert "discord-secret" not in result.stderr
+
+
+def test_every_option_of_every_command_has_a_help_text() -> None:
+    import argparse
+
+    from bot import cli
+
+    parser = cli._parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [
+        f"{name} {action.dest}"
+        for name, sub in subparsers.choices.items()
+        for action in sub._actions
+        if not isinstance(action, argparse._HelpAction) and not action.help
+    ]
+    assert missing == []
+    assert {choice.dest for choice in subparsers._choices_actions} >= {
+        "serve",
+        "chat",
+        "run",
+        "generate",
+        "doctor",
+        "backup",
+        "discord-sync",
+    }

@@ -25,9 +25,16 @@ class HistoryError(ValueError):
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint folder (or hub id)")
     parser.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
-    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=512, metavar="N", help="longest answer in tokens (default 512)"
+    )
     parser.add_argument("--history", type=Path, help="JSON file: a list of [query, response] pairs")
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="compute dtype: float32 reproduces the official answers exactly; auto is bfloat16 on CPU",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--seed", type=int, help="sampling seed")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
