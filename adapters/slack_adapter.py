@@ -165,19 +165,25 @@ class SlackAdapter:
     async def _connect_socket(self, app_token: str) -> None:
         # Open the first connection URL here: the SDK's own connect() retries forever, which
         # would hide a wrong SLACK_APP_TOKEN behind an endless retry loop.
-        opened = await call_slack(
+        opened = await try_slack(
             "apps.connections.open", self._client.apps_connections_open(app_token=app_token)
         )
-        if opened is None or not opened.get("url"):
-            raise ConfigError("Slack rejected SLACK_APP_TOKEN (apps.connections.open failed; see the log)")
+        if isinstance(opened, SlackFailure):
+            if opened.reason.startswith(("no response", "HTTP 5")):  # the network, not the token
+                raise PlatformUnreachable(f"cannot open Slack Socket Mode: {opened.reason}")
+            raise ConfigError(f"Slack rejected SLACK_APP_TOKEN (apps.connections.open: {opened.reason})")
+        if not opened.get("url"):
+            raise ConfigError("Slack rejected SLACK_APP_TOKEN (apps.connections.open gave no URL)")
         self._socket = AsyncSocketModeHandler(self._app, app_token)
         self._socket.client.wss_uri = str(opened["url"])
         try:
             await asyncio.wait_for(self._socket.connect_async(), CONNECT_TIMEOUT_S)  # type: ignore[no-untyped-call]
-        except TimeoutError:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             await self._socket.close_async()  # type: ignore[no-untyped-call]
             self._socket = None
-            raise ConnectionError("could not open the Slack Socket Mode websocket") from None
+            raise PlatformUnreachable(
+                f"could not open the Slack Socket Mode websocket ({type(exc).__name__})"
+            ) from None
 
     async def _on_http(self, request: web.Request) -> web.StreamResponse:
         if self._handler is None:

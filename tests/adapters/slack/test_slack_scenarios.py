@@ -27,7 +27,7 @@ from adapters.slack_adapter import SLASH_COMMAND, SlackAdapter
 from adapters.slack_reply import MESSAGE_BYTES, PLACEHOLDER, escape
 from bot import metrics
 from bot.config import ConfigError
-from bot.events import ChannelRef
+from bot.events import ChannelRef, PlatformUnreachable
 from bot.generation import GenerationRequest
 from tests.adapters.slack.fake_slack import (
     BOT_TOKEN,
@@ -676,6 +676,16 @@ async def test_a_failed_generation_turns_the_placeholder_into_a_short_note(
 async def test_a_wrong_app_token_fails_start_clearly(tmp_path: Path, fake: FakeSlack) -> None:
     with pytest.raises(ConfigError, match="SLACK_APP_TOKEN"):
         async with slack_rig(tmp_path, fake, socket_mode=True, slack_app_token="xapp-wrong"):
+            pass
+
+
+@pytest.mark.usefixtures("quick_retries")
+async def test_a_socket_mode_outage_is_unreachable_not_a_rejected_token(
+    tmp_path: Path, fake: FakeSlack
+) -> None:
+    fake.failures["apps.connections.open"] = [(502, "Bad Gateway", {"Content-Type": "text/plain"})] * 10
+    with pytest.raises(PlatformUnreachable, match="HTTP 502"):
+        async with slack_rig(tmp_path, fake, socket_mode=True):
             pass
 
 
