@@ -27,10 +27,6 @@ from storage.db import create_engine, mask_url, normalize_url
 from storage.migrate import alembic_config
 
 TIMEOUT_S = 5.0
-_KERNEL_FLAGS = {
-    "avx512-vnni": ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
-    "avx2": ("avx2", "fma"),
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +73,9 @@ def _kernel(settings: Settings) -> Check:
         flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
         flags = set()
-    isa = next((name for name, need in _KERNEL_FLAGS.items() if flags.issuperset(need)), None)
+    from bot.model.kernels.native import ISA_FLAGS  # the kernel's own table (imports torch: ~1-2 s)
+
+    isa = next((name for name, need in ISA_FLAGS.items() if flags.issuperset(need)), None)
     compiler = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     amx = " + AMX-INT8" if {"amx_int8", "amx_tile"} <= flags else ""
     if isa is None:
