@@ -18,14 +18,14 @@ import threading
 import uuid
 from typing import Any, TextIO
 
-from bot.events import ChannelRef, Handler, IncomingMessage, Outcome
+from bot.events import BaseReply, ChannelRef, Core, IncomingMessage, Outcome
 
 QUIT_WORDS = frozenset({"quit", "exit", "/quit", "/exit"})
 PROMPT = "you> "
 QUIT_HELP = "• quit (or Ctrl-D): leave the chat; Ctrl-C stops the answer being written\n"
 
 
-class ConsoleReply:
+class ConsoleReply(BaseReply):
     """Prints the answer as it grows: only the text not printed yet. ``question`` is shown first for
     an answer recovered after a crash, so the reader knows what it answers."""
 
@@ -89,15 +89,15 @@ class ConsoleAdapter:
         if self._stdin is sys.stdin and isinstance(sys.stdin, io.TextIOWrapper):
             sys.stdin.reconfigure(errors="replace")  # a non-UTF-8 byte must not end the chat
 
-    async def start(self, handler: Handler) -> None:
-        self._task = asyncio.create_task(self._chat(handler))
+    async def start(self, core: Core) -> None:
+        self._task = asyncio.create_task(self._chat(core))
 
     async def closed(self) -> None:
         """Returns when the user has ended the chat."""
         if self._task is not None:
             await self._task
 
-    async def _chat(self, handler: Handler) -> None:
+    async def _chat(self, core: Core) -> None:
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signal.SIGINT, self._interrupt)
@@ -119,7 +119,7 @@ class ConsoleAdapter:
                     break
                 if not line.strip():
                     continue
-                self._current = asyncio.create_task(handler(self._message(line), ConsoleReply(self._out)))
+                self._current = asyncio.create_task(core.handle(self._message(line), ConsoleReply(self._out)))
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._current
                 self._current = None
@@ -165,7 +165,11 @@ class ConsoleAdapter:
 
         return input(PROMPT) + "\n"
 
-    def reply_for(self, message: IncomingMessage) -> ConsoleReply | None:
+    async def resolve(self, message: IncomingMessage) -> IncomingMessage:
+        return message
+
+    def reply_for(self, message: IncomingMessage, handle: dict[str, Any] | None) -> ConsoleReply | None:
+        # A terminal has no message to edit: a recovered answer is printed anew, after its question.
         return ConsoleReply(self._out, message.text) if message.channel == self._channel else None
 
     def _message(self, line: str) -> IncomingMessage:

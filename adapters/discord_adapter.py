@@ -1,9 +1,10 @@
 """The Discord adapter: discord.py's gateway client, translating only (no model, no SQL).
 
-Slash commands are deferred at once (Discord's 3-second limit) and answered through the
-interaction token; mentions and DMs get a reply message that is edited as the answer streams.
-Every answer runs in its own task, so the gateway (heartbeats, other events) never waits for
-the model, and an answer in flight survives a gateway reconnect: its replies go over REST.
+Every command and mention is handed to the core, which records it before anything else happens;
+a slash command is then deferred (Discord's 3-second limit, by the reply's ``accept``) and answered
+through the interaction token; mentions and DMs get a reply message that is edited as the answer
+streams. The core answers in its own tasks, so the gateway (heartbeats, other events) never waits
+for the model, and an answer in flight survives a gateway reconnect: its replies go over REST.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -25,10 +26,10 @@ from discord.http import Route
 
 from adapters.discord_commands import build_tree, invite_url, may_reset, may_reset_by_message
 from adapters.discord_events import PLATFORM, addressed_to, from_interaction, from_message
-from adapters.discord_reply import NO_MENTIONS, DiscordReply, InteractionReply, MessageReply
+from adapters.discord_reply import NO_MENTIONS, ORIGINAL, InteractionReply, MessageReply
 from bot.config import ConfigError, Settings
 from bot.core import RESET_REFUSAL
-from bot.events import Command, Handler, IncomingMessage, PlatformUnreachable, ReplyHandle
+from bot.events import Command, Core, IncomingMessage, PlatformUnreachable, ReplyHandle
 
 log = logging.getLogger(__name__)
 
@@ -61,34 +62,28 @@ class DiscordAdapter:
         settings: Settings,
         *,
         ready_timeout: float = 60.0,
-        drain_timeout: float = 10.0,
         guild_ready_timeout: float = 2.0,
     ) -> None:
-        """``ready_timeout``: how long start() waits for the gateway; ``drain_timeout``: how long
-        stop() lets answers in flight finish; ``guild_ready_timeout``: how long discord.py waits
-        for more servers' data before it reports ready."""
+        """``ready_timeout``: how long start() waits for the gateway; ``guild_ready_timeout``: how
+        long discord.py waits for more servers' data before it reports ready."""
         if settings.discord_bot_token is None:
             raise ConfigError("DISCORD_BOT_TOKEN is not set")
         self._settings = settings
         self._token = settings.discord_bot_token.get_secret_value()
         self._ready_timeout = ready_timeout
-        self._drain_timeout = drain_timeout
         self._guild_ready_timeout = guild_ready_timeout
         self._stopping = False
         self._client: discord.Client | None = None
         self._gateway: asyncio.Task[None] | None = None
-        self._handler: Handler | None = None
-        self._answers: set[asyncio.Task[None]] = set()
-        # user message id -> the task answering it, so deleting the question cancels the answer
-        self._answering: dict[int, asyncio.Task[None]] = {}
+        self._core: Core | None = None
         self._endpoints = ExitStack()
 
     # -- lifecycle ---------------------------------------------------------------------------
-    async def start(self, handler: Handler) -> None:
+    async def start(self, core: Core) -> None:
         """Log in, connect the gateway in a background task and return once it is ready."""
         if self._client is not None:
             raise RuntimeError("the Discord adapter is already started")
-        self._handler = handler
+        self._core = core
         self._endpoints.enter_context(discord_endpoints(self._settings))
         client = self._client = self._new_client()
         try:
@@ -102,14 +97,8 @@ class DiscordAdapter:
         log.info("Discord: connected as %s (id %s)", client.user, client.user.id if client.user else "?")
 
     async def stop(self) -> None:
-        """Take no new messages, give answers in flight ``drain_timeout`` seconds to finish, then
-        cancel the rest (the core notes that in their replies) and disconnect."""
+        """Take no new messages and disconnect (the core has finished or stopped its answers)."""
         self._stopping = True
-        if self._answers:
-            _, late = await asyncio.wait(self._answers, timeout=self._drain_timeout)
-            for task in late:
-                task.cancel()
-            await asyncio.gather(*late, return_exceptions=True)
         if self._client is not None:
             await self._client.close()
         if self._gateway is not None:
@@ -119,24 +108,37 @@ class DiscordAdapter:
         self._endpoints.close()
         self._stopping = False
 
-    def reply_for(self, message: IncomingMessage) -> ReplyHandle | None:
-        """A reply for a message recovered from storage, or None if it can no longer be given."""
+    def reply_for(self, message: IncomingMessage, handle: dict[str, Any] | None) -> ReplyHandle | None:
+        """A reply for a message recovered from storage, or None if it can no longer be given. An
+        interaction whose token has expired is answered by a channel message quoting it."""
         client, raw = self._client, message.raw
         if client is None or message.channel.platform != PLATFORM:
             return None
+        ids = _message_ids(handle)
         try:
             if raw.get("kind") == "message":
                 channel = client.get_partial_messageable(int(raw["channel_id"]))
-                return MessageReply(channel, int(raw["message_id"]))
+                return MessageReply(channel, int(raw["message_id"]), message_ids=ids)
             if raw.get("kind") == "interaction":
                 issued = discord.utils.snowflake_time(int(message.event_id))
                 if datetime.now(UTC) - issued > INTERACTION_REPLY_WINDOW:
-                    return None  # the token has expired (or is about to)
+                    # The token has expired (or is about to): a new message in the channel.
+                    channel = client.get_partial_messageable(int(raw["channel_id"]))
+                    quote = f"> {message.author_name} asked: {message.text}"[:1000] + "\n"
+                    return MessageReply(channel, None, quote=quote)
                 webhook = _interaction_webhook(client, int(raw["application_id"]), str(raw["token"]))
-                return InteractionReply(webhook, ephemeral=bool(raw.get("ephemeral")))
+                return InteractionReply(
+                    webhook,
+                    ephemeral=bool(raw.get("ephemeral")),
+                    where=_interaction_where(raw),
+                    message_ids=ids or [ORIGINAL],
+                )
         except (KeyError, TypeError, ValueError):
             log.warning("stored Discord event %s has an unreadable payload", message.event_id)
         return None
+
+    async def resolve(self, message: IncomingMessage) -> IncomingMessage:
+        return message  # Discord sends display names with every message and interaction
 
     # -- slash commands (called by the command tree) ------------------------------------------
     async def ask(self, interaction: discord.Interaction[discord.Client], prompt: str) -> None:
@@ -156,30 +158,34 @@ class DiscordAdapter:
     async def _answer_command(
         self, interaction: discord.Interaction[discord.Client], command: Command, text: str
     ) -> None:
-        if self._stopping:
+        core = self._core
+        if self._stopping or core is None:
             return  # Discord tells the user the application did not respond
         ephemeral = command is Command.HELP
-        await interaction.response.defer(thinking=True, ephemeral=ephemeral)
         message = from_interaction(interaction, command, text)
-        self._spawn(message, InteractionReply(interaction.followup, ephemeral=ephemeral))
+
+        async def defer() -> None:
+            await interaction.response.defer(thinking=True, ephemeral=ephemeral)
+
+        reply = InteractionReply(
+            interaction.followup, ephemeral=ephemeral, defer=defer, where=_interaction_where(message.raw)
+        )
+        await core.submit(message, reply)
 
     # -- mentions and DMs ------------------------------------------------------------------
     async def _on_message(self, message: discord.Message) -> None:
-        client = self._client
+        client, core = self._client, self._core
         me = client.user if client is not None else None
-        if self._stopping or client is None or me is None or not addressed_to(message, me):
+        if self._stopping or client is None or core is None or me is None or not addressed_to(message, me):
             return
         allowed = may_reset_by_message(message, self._settings.discord_admin_ids)
         incoming = from_message(message, me, may_reset=allowed)
         reply = MessageReply(client.get_partial_messageable(message.channel.id), message.id)
-        task = self._spawn(incoming, reply)
-        self._answering[message.id] = task
-        task.add_done_callback(lambda _: self._answering.pop(message.id, None))
+        await core.submit(incoming, reply)
 
     async def _on_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
-        task = self._answering.get(payload.message_id)
-        if task is not None:  # the question is gone: stop writing its answer
-            task.cancel()
+        if self._core is not None:  # the question is gone: stop writing its answer
+            self._core.cancel(PLATFORM, str(payload.message_id))
 
     # -- internals -------------------------------------------------------------------------
     def _new_client(self) -> discord.Client:
@@ -230,28 +236,6 @@ class DiscordAdapter:
             f"cannot connect to the Discord gateway {DiscordWebSocket.DEFAULT_GATEWAY}{reason}"
         )
 
-    def _spawn(self, message: IncomingMessage, reply: DiscordReply) -> asyncio.Task[None]:
-        return self._spawn_task(self._deliver(message, reply), f"discord-{message.event_id}")
-
-    def _spawn_task(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-        task = asyncio.create_task(work, name=name)
-        self._answers.add(task)
-        task.add_done_callback(self._answer_done)
-        return task
-
-    async def _deliver(self, message: IncomingMessage, reply: DiscordReply) -> None:
-        assert self._handler is not None
-        outcome = await self._handler(message, reply)
-        if not reply.ended:
-            # Ignored or a duplicate: don't leave "thinking…" (or a placeholder) up forever.
-            log.debug("Discord event %s: %s, withdrawing the reply", message.event_id, outcome)
-            await reply.withdraw()
-
-    def _answer_done(self, task: asyncio.Task[None]) -> None:
-        self._answers.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("Discord answer %s failed", task.get_name(), exc_info=task.exception())
-
     # -- command registration (chatglm-bot discord-sync) ----------------------------------------
     async def sync(self, guild_id: int | None) -> tuple[int, list[str]]:
         """Register the slash commands with Discord: (application id, command names)."""
@@ -272,6 +256,19 @@ def _interaction_webhook(client: discord.Client, application_id: int, token: str
     """The follow-up webhook of an interaction, as ``Interaction.followup`` builds it."""
     data: Any = {"id": application_id, "type": 3, "token": token}
     return discord.Webhook.from_state(data, client._connection)
+
+
+def _interaction_where(raw: Any) -> dict[str, Any]:
+    """What a stored interaction reply needs besides its message ids (see ``reply_for``)."""
+    keys = ("application_id", "token", "ephemeral", "channel_id")
+    return {key: raw[key] for key in keys if key in raw}
+
+
+def _message_ids(handle: dict[str, Any] | None) -> list[int]:
+    ids = handle.get("ids") if handle is not None else None
+    if not isinstance(ids, list):
+        return []
+    return [int(value) if str(value).isdigit() else ORIGINAL for value in ids]
 
 
 def _log_gateway_end(task: asyncio.Task[None]) -> None:

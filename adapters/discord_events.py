@@ -44,6 +44,8 @@ def from_interaction(interaction: discord.Interaction[Any], command: Command, te
             # Valid for 15 minutes; lets a restarted bot still finish the deferred response.
             "token": interaction.token,
             "ephemeral": command is Command.HELP,
+            # Where a channel message goes instead once the token has expired.
+            "channel_id": str(interaction.channel_id),
         },
         command=command,
     )

@@ -8,13 +8,17 @@ ping ``@everyone``, ``@here``, a role or a user, and a reply never pings its aut
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from abc import ABC, abstractmethod
-from typing import Final, cast
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, cast
 
+import aiohttp
 import discord
 
 from adapters.text import split_message
+from bot.events import DeliveryError
 
 log = logging.getLogger(__name__)
 
@@ -26,14 +30,35 @@ PLACEHOLDER: Final = "…"  # Discord rejects empty messages; shown until the fi
 ORIGINAL: Final = cast(int, "@original")
 
 
+def delivery_error(exc: Exception) -> DeliveryError:
+    """A failed send or edit, as the core's retry policy sees it."""
+    if isinstance(exc, discord.HTTPException):
+        transient = exc.status >= 500 or exc.status == 429
+        return DeliveryError(
+            f"Discord answered HTTP {exc.status} ({exc.text or 'no detail'})", transient=transient
+        )
+    return DeliveryError(f"no response from Discord: {type(exc).__name__}", transient=True)
+
+
+RETRYABLE = (discord.HTTPException, aiohttp.ClientError, OSError, TimeoutError)
+
+
 class DiscordReply(ABC):
-    """The ``ReplyHandle`` logic shared by interaction and mention replies."""
+    """The ``ReplyHandle`` logic shared by interaction and mention replies. ``message_ids`` are the
+    messages an earlier run showed the answer in (from its ``handle``): they are edited again."""
 
     def __init__(self, message_ids: list[int], shown: list[str]) -> None:
         self._ids = message_ids  # the chain's messages, in order
-        self._shown = shown  # what each of them currently says
+        self._shown = shown  # what each of them currently says ("" where unknown)
         self._text = ""  # the newest text the core gave
         self.ended = False  # finish() or fail() delivered
+
+    @property
+    def handle(self) -> dict[str, Any] | None:
+        return {**self._where(), "ids": [str(message_id) for message_id in self._ids]}
+
+    async def accept(self) -> None:
+        return None
 
     async def begin(self) -> None:
         if not self._ids:
@@ -45,26 +70,32 @@ class DiscordReply(ABC):
         self._text = text
         try:
             await self._show(text)
-        except discord.HTTPException as exc:
+        except RETRYABLE as exc:
             # A missed edit is harmless: the next update or finish() shows the whole text again.
             log.warning("could not update a Discord reply: %s", exc)
 
     async def finish(self, text: str) -> None:
         self._text = text
-        await self._show(text)
+        try:
+            await self._show(text)
+        except RETRYABLE as exc:
+            raise delivery_error(exc) from None
         self.ended = True
 
     async def fail(self, reason: str) -> None:
         note = f"⚠️ {reason}"
-        await self._show(f"{self._text.rstrip()}\n\n{note}" if self._text.strip() else note)
+        try:
+            await self._show(f"{self._text.rstrip()}\n\n{note}" if self._text.strip() else note)
+        except RETRYABLE as exc:
+            raise delivery_error(exc) from None
         self.ended = True
 
     async def withdraw(self) -> None:
-        """The core chose not to answer (ignored, duplicate): remove what this reply posted."""
+        """The core chose not to answer (ignored): remove what this reply posted."""
         while self._ids and not self.ended:
             try:
                 await self._delete(self._ids[-1])
-            except discord.HTTPException as exc:
+            except RETRYABLE as exc:
                 log.warning("could not remove an unanswered Discord reply: %s", exc)
                 return
             self._ids.pop()
@@ -78,14 +109,18 @@ class DiscordReply(ABC):
             elif self._shown[index] != part:
                 await self._edit(self._ids[index], part)
                 self._shown[index] = part
-        while len(self._ids) > len(parts):  # the text got shorter (a failure note replaced it)
-            await self._delete(self._ids[-1])
+        while len(self._ids) > len(parts):  # the text got shorter (a note, or a resumed answer)
+            with contextlib.suppress(discord.NotFound):  # already gone is as good as deleted
+                await self._delete(self._ids[-1])
             self._ids.pop()
             self._shown.pop()
 
     async def _append(self, content: str) -> None:
         self._ids.append(await self._send(content))
         self._shown.append(content)
+
+    @abstractmethod
+    def _where(self) -> dict[str, Any]: ...
 
     @abstractmethod
     async def _send(self, content: str) -> int: ...
@@ -99,13 +134,34 @@ class DiscordReply(ABC):
 
 class InteractionReply(DiscordReply):
     """A slash command's answer: the deferred response, then follow-ups, all through the
-    interaction's webhook token (valid 15 minutes, independent of the gateway connection)."""
+    interaction's webhook token (valid 15 minutes, independent of the gateway connection).
 
-    def __init__(self, webhook: discord.Webhook, *, ephemeral: bool = False) -> None:
-        # The adapter deferred on receipt, so the first message exists and shows "thinking…".
-        super().__init__([ORIGINAL], [""])
+    ``defer`` answers the interaction (Discord's 3-second limit): ``accept`` calls it right after
+    the core has recorded the command. A reply rebuilt after a restart has none: it was deferred."""
+
+    def __init__(
+        self,
+        webhook: discord.Webhook,
+        *,
+        ephemeral: bool = False,
+        defer: Callable[[], Awaitable[Any]] | None = None,
+        where: dict[str, Any] | None = None,
+        message_ids: list[int] | None = None,
+    ) -> None:
+        ids = message_ids or [ORIGINAL]
+        super().__init__(ids, [""] * len(ids))
         self._webhook = webhook
         self._ephemeral = ephemeral
+        self._defer = defer
+        self._where_ = where or {}
+
+    def _where(self) -> dict[str, Any]:
+        return {"kind": "interaction", **self._where_}
+
+    async def accept(self) -> None:
+        if self._defer is not None:
+            defer, self._defer = self._defer, None
+            await defer()
 
     async def begin(self) -> None:
         """The deferred response is the placeholder."""
@@ -124,17 +180,42 @@ class InteractionReply(DiscordReply):
 
 
 class MessageReply(DiscordReply):
-    """The answer to a mention or DM: replies to the user's message, edited as text streams."""
+    """The answer to a mention or DM: replies to the user's message, edited as text streams.
+    Without ``message_id`` (a slash command whose token expired) it is a plain channel message
+    whose first part starts with ``quote``."""
 
-    def __init__(self, channel: discord.PartialMessageable, message_id: int) -> None:
-        super().__init__([], [])
+    def __init__(
+        self,
+        channel: discord.PartialMessageable,
+        message_id: int | None,
+        *,
+        message_ids: list[int] | None = None,
+        quote: str = "",
+    ) -> None:
+        ids = message_ids or []
+        super().__init__(ids, [""] * len(ids))
         self._channel = channel
-        self._reference = discord.MessageReference(
-            message_id=message_id, channel_id=channel.id, fail_if_not_exists=False
+        self._message_id = message_id
+        self._quote = quote
+        self._reference = (
+            discord.MessageReference(message_id=message_id, channel_id=channel.id, fail_if_not_exists=False)
+            if message_id is not None
+            else None
         )
 
+    def _where(self) -> dict[str, Any]:
+        return {"kind": "message", "channel_id": str(self._channel.id)}
+
+    async def _show(self, text: str) -> None:
+        await super()._show(f"{self._quote}{text}" if self._quote else text)
+
     async def _send(self, content: str) -> int:
-        message = await self._channel.send(content, reference=self._reference, allowed_mentions=NO_MENTIONS)
+        if self._reference is None:
+            message = await self._channel.send(content, allowed_mentions=NO_MENTIONS)
+        else:
+            message = await self._channel.send(
+                content, reference=self._reference, allowed_mentions=NO_MENTIONS
+            )
         return message.id
 
     async def _edit(self, message_id: int, content: str) -> None:

@@ -1,10 +1,12 @@
 """The Slack adapter: slack-bolt's AsyncApp over the HTTP Events API or Socket Mode.
 
-It translates only. Each event is acknowledged at once (bolt acks events before listeners run);
-the listener starts a background task that resolves user names, builds the neutral message and
-awaits the core's handler, which streams into a ``SlackReply``. Slack's ``event_id`` becomes the
+It translates only. Each event becomes the neutral message and is handed to the core, which records
+it, before Slack gets its acknowledgement (bolt's ``process_before_response``: the listener runs
+first, and does nothing slow): an acknowledged event is never lost, whatever is killed next. User
+names are looked up afterwards (``resolve``), when the core asks. Slack's ``event_id`` becomes the
 message's ``event_id``: the core records it, so a retry (``x-slack-retry-num``, in either mode),
-even one arriving after a restart, is never answered twice. Over HTTP a request's signature is
+even one arriving after a restart, is never answered twice. While the bot shuts down, HTTP events
+get 503 with Retry-After, so Slack redelivers them to the next process. Over HTTP a request's signature is
 checked on its raw bytes before anything parses them (401), a signed but malformed body is a 400,
 and a request no listener handles (another event type, ``app_rate_limited``) a 200, so Slack does
 not retry it.
@@ -18,6 +20,7 @@ import hmac
 import logging
 import time
 from collections.abc import Coroutine, Mapping
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -34,6 +37,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from adapters.slack_events import (
     PLATFORM,
+    clean_text,
     command_message,
     deleted_message,
     mentioned_users,
@@ -52,7 +56,7 @@ from adapters.slack_reply import (
     try_slack,
 )
 from bot.config import ConfigError, Settings
-from bot.events import Command, Handler, IncomingMessage, PlatformUnreachable, ReplyHandle
+from bot.events import Command, Core, IncomingMessage, PlatformUnreachable, ReplyHandle
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +64,9 @@ EVENTS_PATH = "/slack/events"
 SLASH_COMMAND = "/chatglm"
 CONNECT_TIMEOUT_S = 30.0
 STOP_GRACE_S = 2.0
+RETRY_AFTER_S = "5"  # what a 503 while shutting down tells Slack
 MAX_CACHED_NAMES = 10_000
+MAX_TRACKED_QUESTIONS = 10_000
 NAME_RETRY_S = 300.0  # after a failed users.info, ids stay ids this long before it is asked again
 NOT_IN_CHANNEL = "I can't post in this channel. Invite me first (`/invite @ChatGLM`), then try again."
 
@@ -99,23 +105,25 @@ class SlackAdapter:
             name="chatglm-bot",
             # Unhandled requests reach _on_error, which answers 200 rather than bolt's 404.
             raise_error_for_unhandled_request=True,
+            # Ack only after the listener has handed the event to the core (which records it).
+            process_before_response=True,
         )
         self._app.error(self._on_error)
         self._app.event("app_mention")(self._on_event)
         self._app.event("message")(self._on_event)
         self._app.command(SLASH_COMMAND)(self._on_command)
-        self._handler: Handler | None = None
+        self._core: Core | None = None
         self._bot_user_id = ""
         self._names: dict[str, str] = {}
         self._names_failed: dict[str, float] = {}  # user id -> when users.info may be asked again
         self._tasks: set[asyncio.Task[None]] = set()
-        # (channel, message ts) -> the task answering it, so deleting the question cancels it.
-        self._answering: dict[tuple[str, str], asyncio.Task[Any]] = {}
+        # (channel, question ts) -> its event id, so deleting the question cancels its answer.
+        self._questions: dict[tuple[str, str], str] = {}
         self._socket: AsyncSocketModeHandler | None = None
         if not self._socket_mode and http_app is not None:
             http_app.router.add_post(EVENTS_PATH, self._on_http)
 
-    async def start(self, handler: Handler) -> None:
+    async def start(self, core: Core) -> None:
         try:
             response = await self._client.auth_test()
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
@@ -132,7 +140,7 @@ class SlackAdapter:
         self._bot_user_id = str(response["user_id"])
         if self._app_token is not None:
             await self._connect_socket(self._app_token.get_secret_value())
-        self._handler = handler
+        self._core = core
         log.info("Slack adapter running (%s) as %s", self.mode, self._bot_user_id)
 
     @property
@@ -140,12 +148,11 @@ class SlackAdapter:
         return "socket mode" if self._socket_mode else f"HTTP {EVENTS_PATH}"
 
     async def stop(self) -> None:
-        self._handler = None
+        self._core = None
         if self._socket is not None:
             await self._socket.close_async()  # type: ignore[no-untyped-call]
             self._socket = None
-        # Answers about to complete (a last Slack call in flight) get a moment; the rest are
-        # cancelled, and the core tells their threads so.
+        # Slash commands about to hand their question in (a quote being posted) get a moment.
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=STOP_GRACE_S)
         tasks = list(self._tasks)
@@ -153,12 +160,26 @@ class SlackAdapter:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def reply_for(self, message: IncomingMessage) -> ReplyHandle | None:
+    def reply_for(self, message: IncomingMessage, handle: dict[str, Any] | None) -> ReplyHandle | None:
         channel = message.raw.get("channel")
         if not isinstance(channel, str) or message.raw.get("ephemeral"):
             return None  # a slash command's response_url is short-lived and never stored
         thread_ts = message.raw.get("thread_ts")
-        return self._reply(channel, thread_ts if isinstance(thread_ts, str) else None)
+        posted = handle.get("ts") if handle is not None else None
+        posted = [ts for ts in posted if isinstance(ts, str)] if isinstance(posted, list) else []
+        return self._reply(channel, thread_ts if isinstance(thread_ts, str) else None, posted)
+
+    async def resolve(self, message: IncomingMessage) -> IncomingMessage:
+        """The author's and mentioned users' display names (``users.info``, cached)."""
+        source = message.raw.get("source_text")
+        if not isinstance(source, str):
+            return message
+        names = await self._names_for({message.author_id, *mentioned_users(source)} - {self._bot_user_id})
+        return replace(
+            message,
+            author_name=names.get(message.author_id, message.author_id),
+            text=clean_text(source, self._bot_user_id, names),
+        )
 
     # --- connection -----------------------------------------------------------------------
 
@@ -186,8 +207,8 @@ class SlackAdapter:
             ) from None
 
     async def _on_http(self, request: web.Request) -> web.StreamResponse:
-        if self._handler is None:
-            return web.Response(status=503, text="starting")  # Slack retries later
+        if self._core is None or not self._core.accepting:  # starting or stopping: Slack retries
+            return web.Response(status=503, text="not ready", headers={"Retry-After": RETRY_AFTER_S})
         raw = await request.read()
         # Verified here on the raw bytes, before anything parses them, so a forged request is a
         # 401 whatever its body; bolt's middleware verifies again.
@@ -226,7 +247,24 @@ class SlackAdapter:
     # --- listeners (the ack path: nothing slow here) -----------------------------------------
 
     async def _on_event(self, body: dict[str, Any]) -> None:
-        self._spawn(self._deliver_event(body))
+        core = self._core
+        if core is None:
+            return
+        deleted = deleted_message(body)
+        if deleted is not None:
+            event_id = self._questions.pop(deleted, None)
+            if event_id is not None:  # the question is gone: stop writing its answer
+                core.cancel(PLATFORM, event_id)
+            return
+        follow = self._settings.slack_thread_followups
+        message = to_message(body, self._bot_user_id, {}, thread_followups=follow)
+        if message is None:
+            return
+        channel, thread_ts = message.raw["channel"], message.raw["thread_ts"]
+        if len(self._questions) > MAX_TRACKED_QUESTIONS:
+            self._questions.clear()
+        self._questions[(channel, str(message.raw["ts"]))] = message.event_id
+        await core.submit(message, self._reply(channel, thread_ts))
 
     async def _on_command(self, ack: Any, body: dict[str, Any], respond: Respond) -> None:
         await ack()
@@ -239,38 +277,13 @@ class SlackAdapter:
 
     # --- background delivery -------------------------------------------------------------------
 
-    async def _deliver_event(self, body: Mapping[str, Any]) -> None:
-        deleted = deleted_message(body)
-        if deleted is not None:
-            task = self._answering.get(deleted)
-            if task is not None:  # the question is gone: stop writing its answer
-                task.cancel()
-            return
-        follow = self._settings.slack_thread_followups
-        if to_message(body, self._bot_user_id, {}, thread_followups=follow) is None:
-            return
-        event = body["event"]
-        names = await self._names_for({event["user"], *mentioned_users(event["text"])} - {self._bot_user_id})
-        message = to_message(body, self._bot_user_id, names, thread_followups=follow)
-        if message is not None:
-            channel, thread_ts = message.raw["channel"], message.raw["thread_ts"]
-            key = (channel, str(event.get("ts")))
-            task = asyncio.current_task()
-            if task is not None:
-                self._answering[key] = task
-            try:
-                await self._handle(message, self._reply(channel, thread_ts))
-            finally:
-                self._answering.pop(key, None)
-
     async def _deliver_command(self, body: Mapping[str, Any], respond: Respond) -> None:
         command, prompt = parse_command(str(body.get("text") or ""))
         user, channel = body.get("user_id"), body.get("channel_id")
         if not isinstance(user, str) or not isinstance(channel, str):
             return
-        names = await self._names_for({user, *mentioned_users(prompt)})
         if command != Command.CHAT:
-            message = command_message(body, command, command.value, None, names)
+            message = command_message(body, command, command.value, None)
             if message is not None:
                 await self._handle(message, SlackEphemeralReply(respond))
             return
@@ -289,20 +302,18 @@ class SlackAdapter:
                 )
             return
         thread_ts = None if channel.startswith("D") else str(posted["ts"])
-        message = command_message(body, command, prompt, thread_ts, names)
+        message = command_message(body, command, prompt, thread_ts)
         if message is not None:
             await self._handle(message, self._reply(channel, thread_ts))
 
     async def _handle(self, message: IncomingMessage, reply: ReplyHandle) -> None:
-        handler = self._handler
-        if handler is None:
+        core = self._core
+        if core is None:
             return
         try:
-            await handler(message, reply)
-        except asyncio.CancelledError:
-            raise
+            await core.submit(message, reply)
         except Exception:
-            log.exception("handling Slack event %s failed", message.event_id)
+            log.exception("handing Slack event %s to the core failed", message.event_id)
             await reply.fail("Something went wrong; please try again.")
 
     async def _names_for(self, user_ids: set[str]) -> dict[str, str]:
@@ -326,8 +337,10 @@ class SlackAdapter:
                 self._names_failed[user_id] = now + NAME_RETRY_S
         return {user_id: self._names.get(user_id, user_id) for user_id in user_ids}
 
-    def _reply(self, channel: str, thread_ts: str | None) -> SlackReply:
-        return SlackReply(self._client, channel, thread_ts, min_edit_interval=self._min_edit_interval)
+    def _reply(self, channel: str, thread_ts: str | None, posted: list[str] | None = None) -> SlackReply:
+        return SlackReply(
+            self._client, channel, thread_ts, min_edit_interval=self._min_edit_interval, posted=posted
+        )
 
 
 class _BytesSignatureVerifier(SignatureVerifier):

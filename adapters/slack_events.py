@@ -1,8 +1,9 @@
 """Slack payloads -> neutral ``IncomingMessage``: which events count as user text, and what the
 model should read of them.
 
-Pure functions, no I/O, so each rule is tested on its own. The adapter resolves user names
-(``users.info``) before calling ``to_message`` and passes them in.
+Pure functions, no I/O, so each rule is tested on its own. Messages are built with the names
+known so far (ids, or ``names`` when given); ``raw["source_text"]`` keeps Slack's markup so the
+adapter can redo the text with looked-up names (``users.info``) once the core has recorded it.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def to_message(
         text=clean_text(text, bot_user_id, names),
         is_direct=is_direct,
         received_at=_timestamp(ts),
-        raw={"channel": channel, "thread_ts": conversation_ts, "ts": ts},
+        raw={"channel": channel, "thread_ts": conversation_ts, "ts": ts, "source_text": text},
         followup_only=followup_only,
     )
 
@@ -142,7 +143,7 @@ def command_message(
     command: Command,
     text: str,
     conversation_ts: str | None,
-    names: Mapping[str, str],
+    names: Mapping[str, str] | None = None,
 ) -> IncomingMessage | None:
     """The message a ``/chatglm`` slash command carries (Slack never retries these; the
     ``trigger_id`` is unique per invocation), or None if the payload lacks what is needed."""
@@ -151,6 +152,7 @@ def command_message(
         return None
     if not (isinstance(trigger, str) and trigger):
         return None
+    names = names or {}
     return IncomingMessage(
         event_id=f"command:{trigger}",
         channel=ChannelRef(PLATFORM, channel, conversation_ts),
@@ -158,7 +160,12 @@ def command_message(
         author_name=names.get(user, user),
         text=clean_text(text, "", names),
         is_direct=channel.startswith("D"),
-        raw={"channel": channel, "thread_ts": conversation_ts, "ephemeral": command != Command.CHAT},
+        raw={
+            "channel": channel,
+            "thread_ts": conversation_ts,
+            "ephemeral": command != Command.CHAT,
+            "source_text": text,
+        },
         command=command,
     )
 

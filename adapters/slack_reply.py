@@ -3,10 +3,10 @@ messages for long answers, and a short note on failure.
 
 Everything the model wrote is escaped (``& < >``) before it reaches Slack, so an answer can never
 form ``<!channel>``, ``<!here>``, a user mention or a link. Web API errors are logged (method and
-Slack's error code only, never a token) and swallowed: a reply that cannot be shown must not take
-the bot down, and the core cannot do anything better with the exception. Transient failures (5xx,
-429, ``ratelimited``, connection errors, timeouts) are retried first, by ``TransientRetryHandler``
-inside the client.
+Slack's error code only, never a token). Transient failures (5xx, 429, ``ratelimited``, connection
+errors, timeouts) are retried first, by ``TransientRetryHandler`` inside the client; a streamed edit
+that still fails is skipped (the next one shows the whole text), while a final text that fails
+raises ``DeliveryError`` so the core retries it later, on the same messages.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from adapters.text import split_message
 from bot import metrics
+from bot.events import BaseReply, DeliveryError
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +54,6 @@ def slack_size(text: str) -> int:
 
 def failure_note(reason: str) -> str:
     return f":warning: {escape(reason)}"
-
-
-def incomplete_note(reason: str) -> str:
-    return f"Slack refused part of this answer ({reason}); part of it may be missing."
 
 
 class TransientRetryHandler(AsyncRetryHandler):
@@ -113,9 +110,15 @@ def _retry_after(headers: Mapping[str, list[str] | str]) -> float | None:
 
 @dataclass(frozen=True)
 class SlackFailure:
-    """Why a call failed, in words fit for the log and the user: never a token or a body."""
+    """Why a call failed, in words fit for the log and the user: never a token or a body;
+    ``transient`` if it may succeed later (5xx, 429, ``ratelimited``, no response)."""
 
     reason: str
+    transient: bool = False
+    retry_after: float | None = None
+
+    def error(self) -> DeliveryError:
+        return DeliveryError(self.reason, transient=self.transient, retry_after=self.retry_after)
 
 
 async def try_slack(method: str, call: Awaitable[Any]) -> Any | SlackFailure:
@@ -124,10 +127,17 @@ async def try_slack(method: str, call: Awaitable[Any]) -> Any | SlackFailure:
     try:
         return await call
     except SlackApiError as error:
-        failure = SlackFailure(api_error_reason(error.response))
         status = getattr(error.response, "status_code", getattr(error.response, "status", 0))
+        data = getattr(error.response, "data", None)
+        body = data if isinstance(data, Mapping) else None
+        headers = getattr(error.response, "headers", None) or {}
+        failure = SlackFailure(
+            api_error_reason(error.response),
+            transient=_is_transient(status, body),
+            retry_after=_retry_after(headers) if isinstance(headers, Mapping) else None,
+        )
     except (aiohttp.ClientError, TimeoutError) as error:
-        failure = SlackFailure(f"no response: {type(error).__name__}")
+        failure = SlackFailure(f"no response: {type(error).__name__}", transient=True)
     except AttributeError:
         # slack_sdk's own check of a 200 with a text/plain body calls .get on the str.
         failure = SlackFailure("non-JSON body")
@@ -156,8 +166,10 @@ def api_error_reason(response: object) -> str:
     return detail if status == 200 else f"HTTP {status}, {detail}"
 
 
-class SlackReply:
-    """One answer in a thread (or at a DM's top level when ``thread_ts`` is None)."""
+class SlackReply(BaseReply):
+    """One answer in a thread (or at a DM's top level when ``thread_ts`` is None), shown in one
+    or more messages. ``posted`` are the ts of messages an earlier run showed it in (from its
+    ``handle``): they are edited, not posted again."""
 
     def __init__(
         self,
@@ -167,23 +179,35 @@ class SlackReply:
         *,
         min_edit_interval: float = 1.0,
         clock: Callable[[], float] = time.monotonic,  # for the edit interval; tests pass a fake
+        posted: list[str] | None = None,
     ) -> None:
         self._clock = clock
         self._client = client
         self._channel = channel
         self._thread_ts = thread_ts
         self._min_interval = min_edit_interval
-        self._messages: list[tuple[str, str]] = []  # (ts, escaped text shown) of each message
+        # (ts, escaped text shown) of each message; "" where an earlier run's text is unknown
+        self._messages: list[tuple[str, str]] = [(ts, "") for ts in posted or []]
         self._last_write = -float("inf")
-        self._shown_text = False  # whether any model text has replaced the placeholder
-        self._refused: SlackFailure | None = None  # the latest write Slack refused, for the note
+        self._shown_text = False  # whether this run's text has replaced the placeholder
+        self._refused: SlackFailure | None = None  # the latest write Slack refused
+
+    @property
+    def handle(self) -> dict[str, Any] | None:
+        if not self._messages:
+            return None
+        return {
+            "channel": self._channel,
+            "thread_ts": self._thread_ts,
+            "ts": [ts for ts, _ in self._messages],
+        }
 
     async def begin(self) -> None:
-        await self._post(PLACEHOLDER)
+        if not self._messages:  # a resumed answer already has its placeholder (or partial text)
+            await self._post(PLACEHOLDER)
 
     async def update(self, text: str) -> None:
-        # The core throttles updates already; this guard holds Slack's ~1 edit/s per message
-        # whatever the configured interval.
+        # This guard holds Slack's ~1 edit/s per message whatever the core's stream interval.
         if text.strip() and self._clock() - self._last_write >= self._min_interval:
             await self._show(text)
 
@@ -191,27 +215,39 @@ class SlackReply:
         wait = self._min_interval - (self._clock() - self._last_write)
         if wait > 0:
             await asyncio.sleep(wait)
-        if not await self._show(text) and self._refused is not None:
-            await self._post(failure_note(incomplete_note(self._refused.reason)))
+        if not await self._show(text):
+            raise self._failure().error()
 
     async def fail(self, reason: str) -> None:
         note = failure_note(reason)
         if self._messages and not self._shown_text:
-            await self._edit(0, note)  # the placeholder becomes the note
+            # The placeholder (or an earlier run's partial text) becomes the note.
+            done = await self._edit(0, note)
+            while done and len(self._messages) > 1:
+                done = await self._delete_last()
         else:
-            await self._post(note)
+            done = await self._post(note)
+        if not done:
+            raise self._failure().error()
+
+    def _failure(self) -> SlackFailure:
+        return self._refused or SlackFailure("Slack did not take the message", transient=True)
 
     async def _show(self, text: str) -> bool:
         """Make the thread show ``text``; False if Slack refused part of it."""
         chunks = [escape(chunk) for chunk in split_message(text, MESSAGE_BYTES, measure=slack_size)]
         chunks = chunks or [EMPTY_ANSWER]
         self._shown_text = True
+        self._refused = None
         complete = True
         for index, chunk in enumerate(chunks):
             if index >= len(self._messages):
                 complete = await self._post(chunk) and complete
             elif self._messages[index][1] != chunk:
                 complete = await self._edit(index, chunk) and complete
+        # An earlier run's longer partial text (a different sample) left messages this one needs not.
+        while complete and len(self._messages) > len(chunks):
+            complete = await self._delete_last()
         return complete
 
     async def _post(self, text: str) -> bool:
@@ -244,6 +280,15 @@ class SlackReply:
         self._messages[index] = (ts, text)
         return True
 
+    async def _delete_last(self) -> bool:
+        ts = self._messages[-1][0]
+        deleting = self._client.chat_delete(channel=self._channel, ts=ts)
+        response = await self._write("chat.delete", deleting)
+        if response is None and (self._refused is None or self._refused.transient):
+            return False
+        self._messages.pop()  # deleted, or already gone (message_not_found)
+        return True
+
     async def _write(self, method: str, call: Awaitable[Any]) -> Any | None:
         result = await try_slack(method, call)
         if isinstance(result, SlackFailure):
@@ -255,7 +300,7 @@ class SlackReply:
 Respond = Callable[..., Awaitable[Any]]
 
 
-class SlackEphemeralReply:
+class SlackEphemeralReply(BaseReply):
     """A slash command's answer, visible only to the user who ran it (via its ``response_url``)."""
 
     # response_url accepts five messages; a help or reset answer needs one.

@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Sequence
+import socket
+from collections.abc import Awaitable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from aiohttp import web
 from bot import http, metrics
 from bot.config import ConfigError, Settings
 from bot.core import Bot
-from bot.events import Adapter, Handler
+from bot.events import Adapter
 from bot.generation import Generator, GeneratorFactory
 from bot.service import ModelService
 from storage.repository import Storage
@@ -106,37 +107,97 @@ def platform_adapters(settings: Settings, http_app: web.Application) -> list[Ada
 
 
 async def run(settings: Settings, *, console: Adapter | None = None) -> None:
-    """Run until SIGTERM/SIGINT, or until the console adapter's chat ends."""
-    storage = await Storage.open(settings.database_url, data_dir=settings.data_dir)
-    log.info("database: %s", storage.location)
+    """Run until SIGTERM/SIGINT, or until the console adapter's chat ends; then shut down
+    gracefully (see ``Bot.drain``)."""
+    stopping = _StopSignals(console)  # before the model loads: a deploy may stop a loading bot
+    storage = await Storage.open(
+        settings.database_url,
+        data_dir=settings.data_dir,
+        replica_id=replica_id(settings, console),
+        lease_s=settings.lease_s,
+    )
+    log.info("database: %s (replica %s)", storage.location, storage.owner)
     service = ModelService(
         model_factory(settings), queue_size=settings.queue_size, timeout_s=settings.request_timeout_s
     )
     adapters: list[Adapter] = []
     runner: web.AppRunner | None = None
-    loaded = False
-    supervisor = _Supervisor()
+    bot: Bot | None = None
+    supervisor: _Supervisor | None = None
     try:
         # The HTTP server comes up before the model loads (which can take minutes): /healthz
         # answers 503 "starting", /metrics works, and Slack's events get 503 until the bot is ready.
-        http_app = http.create_app(lambda: _health(service, storage, loaded, supervisor.states))
+        http_app = http.create_app(lambda: _health(service, storage, bot, supervisor))
         adapters = [console] if console is not None else platform_adapters(settings, http_app)
         if console is None:
             runner = await http.start_server(http_app, settings.http_host, settings.http_port)
         if console is None:
             await _check_tokens(settings)
         log.info("loading the model from %s", settings.model_path)
-        await service.start()
+        if not await stopping.unless_stopped(service.start()):
+            log.info("stopped before the model finished loading")
+            return
         _check_context(settings, service.max_context_tokens)
         _export_model_metrics(settings, service.generator)
-        loaded = True
         bot = Bot(settings, storage, service)
-        started = [adapter for adapter in adapters if await supervisor.start(adapter, bot.handle)]
-        await bot.recover({adapter.platform: adapter for adapter in started})
-        await _wait_until_stopped(settings, storage, console, supervisor.fatal)
+        supervisor = _Supervisor(bot)
+        for adapter in adapters:
+            await supervisor.start(adapter)
+        await bot.start()
+        await _wait_until_stopped(settings, storage, console, supervisor.fatal, stopping)
     finally:
-        await supervisor.close()
+        stopping.close()
+        if bot is not None:
+            await bot.drain(settings.shutdown_grace_s)
+        if supervisor is not None:
+            await supervisor.close()
         await _shutdown(adapters, runner, service, storage)
+
+
+def replica_id(settings: Settings, console: Adapter | None) -> str:
+    """BOT_REPLICA_ID, else this host and HTTP port: unique per live ``serve`` process, and the
+    same across its restarts, so a restarted bot resumes its own unfinished answers at once."""
+    if settings.replica_id:
+        return settings.replica_id
+    where = "console" if console is not None else str(settings.http_port)
+    return f"{socket.gethostname()}:{where}"
+
+
+class _StopSignals:
+    """SIGTERM (and SIGINT outside the console, where Ctrl-C cancels an answer) requests a stop."""
+
+    def __init__(self, console: Adapter | None) -> None:
+        self.requested = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._signals = (signal.SIGTERM,) if console is not None else (signal.SIGTERM, signal.SIGINT)
+        for sig in self._signals:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                self._loop.add_signal_handler(sig, self._request, sig)
+
+    def _request(self, sig: signal.Signals) -> None:
+        if not self.requested.is_set():
+            log.info("%s received: shutting down", sig.name)
+        self.requested.set()
+
+    async def unless_stopped(self, work: Awaitable[None]) -> bool:
+        """Await ``work`` unless a stop is requested first; whether it completed."""
+        task = asyncio.ensure_future(work)
+        stop = asyncio.ensure_future(self.requested.wait())
+        try:
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if task.done():
+            task.result()
+            return True
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return False
+
+    def close(self) -> None:
+        for sig in self._signals:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                self._loop.remove_signal_handler(sig)
 
 
 async def _check_tokens(settings: Settings) -> None:
@@ -174,24 +235,26 @@ class _Supervisor:
     """Starts adapters; one that cannot be reached is retried in the background with capped
     exponential backoff while the others run. Rejected credentials (ConfigError) stop the bot."""
 
-    def __init__(self) -> None:
+    def __init__(self, bot: Bot) -> None:
         self.states: dict[str, str] = {}  # platform -> "connecting" | "connected" | "down"
         self.fatal: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._bot = bot
         self._retries: set[asyncio.Task[None]] = set()
 
-    async def start(self, adapter: Adapter, handler: Handler) -> bool:
-        """Whether ``adapter`` is running now; if it is unreachable, a retry is scheduled."""
-        if await self._attempt(adapter, handler):
+    async def start(self, adapter: Adapter) -> bool:
+        """Whether ``adapter`` is running now; if it is unreachable, a retry is scheduled. A
+        running adapter is attached to the core, which then resumes its platform's events."""
+        if await self._attempt(adapter):
             return True
-        task = asyncio.create_task(self._retry(adapter, handler), name=f"retry-{adapter.platform}")
+        task = asyncio.create_task(self._retry(adapter), name=f"retry-{adapter.platform}")
         self._retries.add(task)
         task.add_done_callback(self._retries.discard)
         return False
 
-    async def _attempt(self, adapter: Adapter, handler: Handler) -> bool:
+    async def _attempt(self, adapter: Adapter) -> bool:
         self.states[adapter.platform] = "connecting"
         try:
-            await adapter.start(handler)
+            await adapter.start(self._bot)
         except UNREACHABLE as exc:
             self.states[adapter.platform] = "down"
             log.warning("%s is unreachable, retrying in the background: %s", adapter.platform, exc)
@@ -200,15 +263,16 @@ class _Supervisor:
             self.states[adapter.platform] = "down"
             raise
         self.states[adapter.platform] = "connected"
+        self._bot.attach(adapter)
         log.info("%s adapter started", adapter.platform)
         return True
 
-    async def _retry(self, adapter: Adapter, handler: Handler) -> None:
+    async def _retry(self, adapter: Adapter) -> None:
         delay = RETRY_FIRST_S
         try:
             while True:
                 await asyncio.sleep(delay)
-                if await self._attempt(adapter, handler):
+                if await self._attempt(adapter):
                     return
                 delay = min(delay * 2, RETRY_MAX_S)
         except asyncio.CancelledError:
@@ -224,16 +288,20 @@ class _Supervisor:
 
 
 async def _health(
-    service: ModelService, storage: Storage, loaded: bool, states: dict[str, str]
+    service: ModelService, storage: Storage, bot: Bot | None, supervisor: _Supervisor | None
 ) -> dict[str, object]:
     database = "ok" if await storage.ping() else "down"
+    states = supervisor.states if supervisor is not None else {}
     report: dict[str, object] = {
-        "model": "loaded" if loaded else "loading",
+        "model": "loaded" if bot is not None else "loading",
         "database": database,
         "adapters": dict(states),
+        "replica": storage.owner,
     }
-    if not loaded:
+    if bot is None:
         return {"status": "starting", **report}
+    if not bot.accepting:
+        return {"status": "stopping", **report}
     healthy = database == "ok" and all(state == "connected" for state in states.values())
     return {
         "status": "ok" if healthy else "degraded",
@@ -244,16 +312,14 @@ async def _health(
 
 
 async def _wait_until_stopped(
-    settings: Settings, storage: Storage, console: Adapter | None, fatal: asyncio.Future[None]
+    settings: Settings,
+    storage: Storage,
+    console: Adapter | None,
+    fatal: asyncio.Future[None],
+    stopping: _StopSignals,
 ) -> None:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    signals = (signal.SIGTERM,) if console is not None else (signal.SIGTERM, signal.SIGINT)
-    for sig in signals:
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
     waiters: list[asyncio.Future[Any]] = [
-        asyncio.ensure_future(stop.wait()),
+        asyncio.ensure_future(stopping.requested.wait()),
         asyncio.ensure_future(_prune_forever(settings, storage)),
         fatal,
     ]
@@ -267,9 +333,6 @@ async def _wait_until_stopped(
     finally:
         for task in waiters:
             task.cancel()
-        for sig in signals:
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.remove_signal_handler(sig)
 
 
 async def _prune_forever(settings: Settings, storage: Storage) -> None:

@@ -76,6 +76,15 @@ class Settings(BaseSettings):
     history_retention_days: float = Field(0.0, ge=0, description="forget turns older than this; 0 = keep")
     recover_window_s: float = Field(900.0, ge=0, description="answer unanswered events younger than this")
 
+    # Delivery and replicas
+    shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM, how long running answers may finish")
+    lease_s: float = Field(30.0, gt=0, description="a dead replica's events are taken over after this")
+    replica_id: str = Field(
+        "",
+        max_length=200,
+        description="names this process among replicas, unique per live process (default host:port)",
+    )
+
     # HTTP (/healthz, /metrics, /slack/events)
     http_host: str = "127.0.0.1"
     http_port: int = Field(8080, ge=0, le=65535)

@@ -1,14 +1,22 @@
-"""The conversation flow: dedupe -> command -> history -> generate -> stream -> persist."""
+"""The conversation flow: record -> wait for the conversation's turn -> command or generate ->
+stream -> store the turn with the final text (the outbox) -> deliver until the platform confirms.
+
+Every accepted message is recorded before anything else can happen to it (``submit``), in arrival
+order, so a crash at any later moment leaves a row that the next start (or another replica, once
+this one's lease has run out) finishes in the same platform message. See storage.models.ProcessedEvent
+for the states.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from bot import metrics
 from bot.config import DeniedMode, Settings
@@ -16,6 +24,7 @@ from bot.events import (
     Adapter,
     ChannelRef,
     Command,
+    DeliveryError,
     IncomingMessage,
     Outcome,
     ReplyHandle,
@@ -26,7 +35,15 @@ from bot.events import (
 from bot.generation import GenerationParams, GenerationRequest, Turn
 from bot.sanitize import clean_text
 from bot.service import ModelService, ServiceError
-from storage.repository import ClaimResult, EventStatus, Storage
+from storage.repository import (
+    NOT_ANSWERED,
+    ClaimResult,
+    EventStatus,
+    FinalKind,
+    LostClaim,
+    Storage,
+    StoredEvent,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +60,33 @@ REFUSAL_TEXT = "Sorry, I'm not enabled for you or for this channel."
 RESET_REFUSAL = "Sorry, only members with the Manage Messages permission can reset this conversation."
 FAILURE_TEXT = "Sorry, something went wrong while answering; please try again."
 EMPTY_ANSWER_TEXT = "(The model produced no answer.)"
+CANCELLED_TEXT = "The answer was cancelled."
 
 # Turns loaded from storage before trimming to the token budget: far more than ever fit in the
 # context, so the budget (not this number) decides.
 MAX_HISTORY_TURNS = 500
+# Delivery of a final text: attempts, with exponential backoff from 2 s capped at 60 s (about four
+# minutes in all) unless the platform says when (Retry-After).
+DELIVERY_ATTEMPTS = 8
+DELIVERY_FIRST_RETRY_S = 2.0
+DELIVERY_MAX_RETRY_S = 60.0
+TURN_POLL_S = 0.5  # how often a message waits on an earlier one that another replica holds
+RESOLVE_TIMEOUT_S = 10.0  # name look-ups after this are skipped: ids stay ids
 
 
-@dataclass
-class _Progress:
-    """Whether the event's final status is stored; after that a cancellation changes nothing."""
+@dataclass(eq=False)
+class _Work:
+    """One event being answered (or delivered) by this process."""
 
-    settled: bool = False
+    event: StoredEvent
+    message: IncomingMessage
+    reply: ReplyHandle
+    accept: bool  # the reply's accept() is still to run (a fresh message, not a recovered one)
+    task: asyncio.Task[Outcome] | None = None
+    # Set once this event no longer holds its conversation's later messages back.
+    answered: asyncio.Event = field(default_factory=asyncio.Event)
+    saved_handle: dict[str, Any] | None = None
+    final: tuple[str, FinalKind] | None = None
 
 
 class _ChannelLocks:
@@ -77,124 +110,296 @@ class _ChannelLocks:
                 self._locks[channel] = (lock, users - 1)
 
 
+class _EditPacer:
+    """Streams partial text into a reply: at most one edit in flight, each carrying the newest text
+    and sent no sooner than ``interval`` after the previous one ended, so a slow or rate-limited
+    platform gets fewer edits, never a queue of them."""
+
+    def __init__(
+        self,
+        reply: ReplyHandle,
+        interval: float,
+        clock: Callable[[], float],
+        on_written: Callable[[], Awaitable[None]],
+    ) -> None:
+        self._reply = reply
+        self._interval = interval
+        self._clock = clock
+        self._on_written = on_written
+        self._latest = ""
+        self._sent = ""
+        self._changed = asyncio.Event()
+        self._last_end = clock()  # the placeholder was just written
+        self._task = asyncio.create_task(self._run())
+
+    def offer(self, text: str) -> None:
+        if text.strip():
+            self._latest = text
+            self._changed.set()
+
+    async def close(self) -> None:
+        """Stop; an edit in flight is let finish first, so the final text never races it."""
+        self._task.cancel()
+        with suppress(asyncio.CancelledError):
+            await self._task
+
+    async def _run(self) -> None:
+        while True:
+            await self._changed.wait()
+            wait = self._interval - (self._clock() - self._last_end)
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self._changed.clear()
+            text = self._latest
+            if text == self._sent:
+                continue
+            # Shielded: cancelling the pacer must not cut an edit off half-way.
+            await asyncio.shield(self._write(text))
+
+    async def _write(self, text: str) -> None:
+        await self._reply.update(text)
+        self._sent, self._last_end = text, self._clock()
+        await self._on_written()
+
+
 class Bot:
     def __init__(
         self,
         settings: Settings,
         storage: Storage,
         service: ModelService,
-        clock: Callable[[], float] = time.monotonic,  # throttles streamed updates; tests pass a fake
+        clock: Callable[[], float] = time.monotonic,  # paces streamed edits; tests pass a fake
     ) -> None:
         self._clock = clock
         self._settings = settings
         self._storage = storage
         self._service = service
-        self._locks = _ChannelLocks()
-        self._recovering: set[asyncio.Task[Outcome]] = set()
+        self._adapters: dict[str, Adapter] = {}
+        self._record_locks = _ChannelLocks()
+        self._work: dict[int, _Work] = {}  # event row id -> its work
+        self._by_key: dict[tuple[str, str], int] = {}  # (platform, event_id) -> event row id
+        self._draining = False  # new messages are recorded, not started (the next start answers them)
+        self._stopping = False  # cancelled work stays resumable instead of being given up
+        self._maintenance: asyncio.Task[None] | None = None
+
+    # -- the adapters' seam ------------------------------------------------------------------
+
+    @property
+    def accepting(self) -> bool:
+        """False once shutting down: an adapter that can make the platform redeliver later (Slack
+        over HTTP: 503 + Retry-After) should, rather than hand in new messages."""
+        return not self._draining
+
+    def attach(self, adapter: Adapter) -> None:
+        """Make ``adapter`` the one that answers (and resumes) its platform's events."""
+        self._adapters[adapter.platform] = adapter
+
+    async def submit(self, message: IncomingMessage, reply: ReplyHandle) -> Outcome:
+        """Record ``message`` (before any other await) and answer it in the background."""
+        platform, event_id = message.channel.platform, message.event_id
+        payload = message_to_dict(message)
+        # FIFO per conversation: concurrent submits are recorded in the order they were called.
+        async with self._record_locks.hold(message.channel):
+            claim = await self._storage.record_event(platform, event_id, str(message.channel), payload)
+        if claim.result is ClaimResult.DUPLICATE or claim.event is None:
+            log.info("duplicate %s event %s dropped", platform, event_id)
+            metrics.MESSAGES.labels(platform, Outcome.DUPLICATE.value).inc()
+            return Outcome.DUPLICATE
+        event = claim.event
+        if claim.result is ClaimResult.TAKEOVER and event.reply_handle is not None:
+            # A redelivery of an answer a dead process had started: finish it where it is shown.
+            reply = self._reply_for(message, event.reply_handle) or reply
+        if self._draining:
+            await self._accept_only(event, reply)
+            return Outcome.DEFERRED
+        self._start(_Work(event, message, reply, accept=True))
+        return Outcome.ACCEPTED
 
     async def handle(self, message: IncomingMessage, reply: ReplyHandle) -> Outcome:
-        """Answer one message; never raises (except cancellation), always says what it did."""
+        """``submit`` and wait for the answer; cancelling the wait cancels the answer."""
+        outcome = await self.submit(message, reply)
+        work = self._work.get(self._by_key.get((message.channel.platform, message.event_id), -1))
+        if outcome is not Outcome.ACCEPTED or work is None or work.task is None:
+            return outcome
         try:
-            outcome = await self._handle(message, reply)
+            return await asyncio.shield(work.task)
         except asyncio.CancelledError:
-            metrics.MESSAGES.labels(message.channel.platform, "cancelled").inc()
+            work.task.cancel()
             raise
-        except Exception:
-            log.exception("failed to handle %s event %s", message.channel, message.event_id)
-            await self._safe_fail(reply, FAILURE_TEXT)
-            outcome = Outcome.FAILED
-        metrics.MESSAGES.labels(message.channel.platform, outcome.value).inc()
-        return outcome
 
-    async def recover(self, adapters: Mapping[str, Adapter]) -> int:
-        """Answer events a previous process recorded but never answered (it crashed or was killed)."""
-        since = datetime.now(UTC) - timedelta(seconds=self._settings.recover_window_s)
+    def cancel(self, platform: str, event_id: str) -> bool:
+        work = self._work.get(self._by_key.get((platform, event_id), -1))
+        if work is None or work.task is None or work.task.done():
+            return False
+        work.task.cancel()
+        return True
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> int:
+        """Resume what earlier runs left unfinished, then keep leases alive and sweep for the
+        events of dead replicas in the background; returns how many events were resumed."""
+        await self._storage.expire_events(self._window_start())
+        resumed = await self.recover()
+        if self._maintenance is None:
+            self._maintenance = asyncio.create_task(self._maintain(), name="delivery-maintenance")
+        return resumed
+
+    async def recover(self) -> int:
+        """Take over and finish every unfinished event whose owner is gone (a crashed or stopped
+        earlier run of this replica, or a dead replica), in arrival order per conversation."""
+        since = self._window_start()
         started = 0
-        for payload in await self._storage.unanswered_events(since):
+        for orphan in await self._storage.orphaned_events(since):
+            if orphan.id in self._work:
+                continue
             try:
-                message = message_from_dict(payload)
+                message = message_from_dict(orphan.payload)
             except (KeyError, TypeError, ValueError):
-                log.warning("skipping an unreadable stored event")
+                log.warning("skipping an unreadable stored %s event", orphan.platform)
                 continue
-            adapter = adapters.get(message.channel.platform)
-            reply = adapter.reply_for(message) if adapter is not None else None
+            if message.channel.platform not in self._adapters:
+                continue  # its platform is not connected (yet); a later sweep takes it
+            reply = self._reply_for(message, orphan.reply_handle)
+            taken = await self._storage.take_over(orphan)
+            if taken is None:
+                continue  # another replica was quicker
             if reply is None:
+                await self._storage.set_status(taken, EventStatus.FAILED, error="cannot be answered any more")
                 continue
-            task = asyncio.create_task(self.handle(message, reply))
-            self._recovering.add(task)
-            task.add_done_callback(self._recovering.discard)
+            self._start(_Work(taken, message, reply, accept=False, saved_handle=taken.reply_handle))
             started += 1
         if started:
-            log.info("answering %d message(s) left unanswered by a previous run", started)
+            log.info("resuming %d message(s) left unfinished by an earlier run", started)
         return started
 
-    # -- the flow --------------------------------------------------------------------------
-    async def _handle(self, message: IncomingMessage, reply: ReplyHandle) -> Outcome:
+    async def drain(self, grace_s: float) -> None:
+        """Shut down: record but start nothing new, let the work in flight finish for up to
+        ``grace_s`` seconds, then stop the rest where it stands (resumable, never failed) and
+        release this process's leases so the next start, or another replica, takes over at once."""
+        self._draining = True
+        tasks = [work.task for work in self._work.values() if work.task is not None]
+        if tasks:
+            log.info("shutting down: letting %d answer(s) finish (up to %g s)", len(tasks), grace_s)
+            await asyncio.wait(tasks, timeout=grace_s)
+        self._stopping = True
+        late: list[asyncio.Task[Any]] = [
+            work.task for work in self._work.values() if work.task is not None and not work.task.done()
+        ]
+        for task in late:
+            task.cancel()
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            late.append(self._maintenance)
+        await asyncio.gather(*late, return_exceptions=True)
+        self._maintenance = None
+        released = await self._storage.release_leases()
+        if released:
+            log.info("%d unfinished message(s) left for the next start", released)
+
+    # -- one event's work ----------------------------------------------------------------------
+
+    def _start(self, work: _Work) -> None:
+        self._work[work.event.id] = work
+        self._by_key[(work.event.platform, work.event.event_id)] = work.event.id
+        work.task = asyncio.create_task(self._run(work), name=f"answer-{work.event.platform}-{work.event.id}")
+
+    async def _run(self, work: _Work) -> Outcome:
+        platform = work.event.platform
+        outcome = Outcome.FAILED
+        try:
+            if work.accept:
+                await work.reply.accept()
+                await self._save_handle(work)
+            if work.event.status in NOT_ANSWERED:
+                await self._wait_turn(work)
+                outcome = await self._answer(work)
+            else:  # answered before a restart: only the delivery is left
+                outcome = Outcome.ANSWERED
+                work.final = (work.event.final_text or "", FinalKind(work.event.final_kind or FinalKind.TEXT))
+            work.answered.set()
+            if work.final is not None:
+                await self._deliver(work)
+            return outcome
+        except asyncio.CancelledError:
+            outcome = Outcome.DEFERRED if self._stopping else Outcome.FAILED
+            if not self._stopping:  # the question was deleted, or its asker gave up waiting
+                await self._storage.set_status(work.event, EventStatus.SKIPPED, error="cancelled")
+                await self._safe_fail(work.reply, CANCELLED_TEXT)
+            raise
+        except LostClaim as exc:
+            log.warning("%s", exc)
+            outcome = Outcome.DUPLICATE
+            return outcome
+        except Exception:
+            log.exception("failed to handle %s event %s", platform, work.event.event_id)
+            await self._give_up(work)
+            return outcome
+        finally:
+            work.answered.set()
+            metrics.MESSAGES.labels(platform, outcome.value).inc()
+            self._work.pop(work.event.id, None)
+            self._by_key.pop((platform, work.event.event_id), None)
+
+    async def _wait_turn(self, work: _Work) -> None:
+        """Until every earlier message of the conversation is answered (arrival order)."""
+        while True:
+            ahead = await self._storage.first_unanswered_before(work.event)
+            if ahead is None:
+                return
+            mine = self._work.get(ahead.id)
+            if mine is not None:
+                await mine.answered.wait()
+            else:  # another replica's, or one the next sweep takes over
+                await asyncio.sleep(TURN_POLL_S)
+
+    async def _answer(self, work: _Work) -> Outcome:
+        message = await self._resolved(work.message)
         message = replace(message, text=clean_text(message.text))
+        channel, text = message.channel, message.text
         if not self._allowed(message):
             if self._settings.access_denied_mode is DeniedMode.SILENT:
-                return Outcome.IGNORED
-            await reply.begin()
-            await reply.finish(REFUSAL_TEXT)
-            return Outcome.REFUSED
+                return await self._skip(work, Outcome.IGNORED)
+            return await self._reply_text(work, REFUSAL_TEXT, Outcome.REFUSED)
+        if message.followup_only and not await self._storage.has_history(channel):
+            return await self._skip(work, Outcome.IGNORED)
 
-        # Held from before the dedupe claim so one conversation is answered in arrival order.
-        async with self._locks.hold(message.channel):
-            if message.followup_only and not await self._storage.has_history(message.channel):
-                return Outcome.IGNORED
-            platform, event_id = message.channel.platform, message.event_id
-            claim = await self._storage.claim_event(platform, event_id, message_to_dict(message))
-            if claim is ClaimResult.DUPLICATE:
-                log.info("duplicate %s event %s dropped", platform, event_id)
-                return Outcome.DUPLICATE
-            progress = _Progress()
-            try:
-                return await self._answer(message, reply, progress)
-            except asyncio.CancelledError:
-                if not progress.settled:  # an answer already stored stays answered
-                    await self._storage.mark_event(platform, event_id, EventStatus.FAILED)
-                    await self._safe_fail(reply, "The answer was cancelled.")
-                raise
-            except Exception:
-                if not progress.settled:
-                    await self._storage.mark_event(platform, event_id, EventStatus.FAILED)
-                raise
-
-    async def _answer(self, message: IncomingMessage, reply: ReplyHandle, progress: _Progress) -> Outcome:
-        channel, text = message.channel, message.text
         command = message.command or read_command(text)
         if command is Command.CHAT and not text:
-            return await self._reply_text(message, reply, EMPTY_TEXT, Outcome.REJECTED, progress)
+            return await self._reply_text(work, EMPTY_TEXT, Outcome.REJECTED)
         if command is Command.HELP:
-            return await self._reply_text(message, reply, HELP_TEXT, Outcome.COMMAND, progress)
+            return await self._reply_text(work, HELP_TEXT, Outcome.COMMAND)
         if command is Command.RESET and not message.may_reset:
-            return await self._reply_text(message, reply, RESET_REFUSAL, Outcome.REFUSED, progress)
+            return await self._reply_text(work, RESET_REFUSAL, Outcome.REFUSED)
         if command is Command.RESET:
-            await self._storage.clear(channel)
-            return await self._reply_text(message, reply, RESET_TEXT, Outcome.COMMAND, progress)
+            await self._storage.clear(channel, event=work.event, final_text=RESET_TEXT)
+            work.final = (RESET_TEXT, FinalKind.TEXT)
+            return Outcome.COMMAND
 
         limit = self._settings.max_message_chars
         if len(text) > limit:
             note = (
                 f"Your message is {len(text):,} characters long; the limit is {limit:,}. Please shorten it."
             )
-            return await self._reply_text(message, reply, note, Outcome.REJECTED, progress)
-
+            return await self._reply_text(work, note, Outcome.REJECTED)
         budget = self._token_budget()
         if self._service.prompt_tokens(text, ()) > budget:
             note = (
                 f"Your message is too long for the model's context ({budget:,} tokens are available "
                 "for the prompt). Please shorten it."
             )
-            return await self._reply_text(message, reply, note, Outcome.REJECTED, progress)
+            return await self._reply_text(work, note, Outcome.REJECTED)
 
         history = await self._history(channel, text, budget)
         started = time.monotonic()
-        await reply.begin()
-        answer = await self._generate(message, history, reply)
+        if not await self._storage.set_status(work.event, EventStatus.GENERATING):
+            raise LostClaim(f"{work.event.platform} event {work.event.event_id} was taken over")
+        await work.reply.begin()
+        await self._save_handle(work)
+        answer = await self._generate(work, message, history)
         if answer is None:
-            progress.settled = True
             return Outcome.FAILED
+        final = answer or EMPTY_ANSWER_TEXT
         await self._storage.append_turn(
             channel,
             author_id=message.author_id,
@@ -203,10 +408,10 @@ class Bot:
             user_tokens=self._service.count_tokens(text),
             assistant_text=answer,
             assistant_tokens=self._service.count_tokens(answer),
-            event=(channel.platform, message.event_id),
+            event=work.event,
+            final_text=final,
         )
-        progress.settled = True
-        await reply.finish(answer or EMPTY_ANSWER_TEXT)
+        work.final = (final, FinalKind.TEXT)
         # One line per answer for operators: where, how much, how long; never the words.
         log.info(
             "answered %s: %d history turns, %d answer tokens, %.1f s",
@@ -217,10 +422,9 @@ class Bot:
         )
         return Outcome.ANSWERED
 
-    async def _generate(
-        self, message: IncomingMessage, history: tuple[Turn, ...], reply: ReplyHandle
-    ) -> str | None:
-        """Stream the answer into ``reply``; None (the user told why) when it did not complete."""
+    async def _generate(self, work: _Work, message: IncomingMessage, history: tuple[Turn, ...]) -> str | None:
+        """Stream the answer into the reply; None (with the reason in the outbox) if it did not
+        complete."""
         settings = self._settings
         request = GenerationRequest(
             query=message.text,
@@ -234,24 +438,117 @@ class Bot:
             conversation=str(message.channel),
         )
         parts: list[str] = []
+        pacer = _EditPacer(work.reply, settings.stream_interval, self._clock, lambda: self._save_handle(work))
         try:
             stream = self._service.stream(request)
-            last_update = self._clock()
-            sent = ""
             async for delta in stream:
                 parts.append(delta)
-                now = self._clock()
-                if now - last_update >= settings.stream_interval:
-                    partial = "".join(parts)
-                    if partial.strip() and partial != sent:
-                        await reply.update(partial)
-                        sent, last_update = partial, now
+                pacer.offer("".join(parts))
         except ServiceError as exc:
-            await self._storage.mark_event(message.channel.platform, message.event_id, EventStatus.FAILED)
-            await self._safe_fail(reply, str(exc))
+            await self._save_final(work, str(exc), FinalKind.ERROR)
             return None
+        finally:
+            await pacer.close()
         assert stream.result is not None
         return stream.result.text
+
+    async def _deliver(self, work: _Work) -> None:
+        """Show the final text, retrying what may succeed later, until the platform confirms it
+        (delivered) or refuses it for good (failed, with one honest note)."""
+        assert work.final is not None
+        text, kind = work.final
+        attempts = work.event.attempts
+        while True:
+            try:
+                await (work.reply.fail(text) if kind is FinalKind.ERROR else work.reply.finish(text))
+            except Exception as exc:
+                error = exc if isinstance(exc, DeliveryError) else DeliveryError(repr(exc), transient=True)
+                await self._save_handle(work)
+                attempts += 1
+                if not error.transient or attempts >= DELIVERY_ATTEMPTS:
+                    log.warning(
+                        "%s event %s: the answer could not be shown: %s",
+                        work.event.platform,
+                        work.event.event_id,
+                        error.reason,
+                    )
+                    await self._storage.set_status(work.event, EventStatus.FAILED, error=error.reason)
+                    await self._safe_fail(work.reply, f"I could not show this answer ({error.reason}).")
+                    return
+                delay = error.retry_after
+                if delay is None:
+                    delay = min(DELIVERY_FIRST_RETRY_S * 2 ** (attempts - 1), DELIVERY_MAX_RETRY_S)
+                retry_at = datetime.now(UTC) + timedelta(seconds=delay)
+                await self._storage.delivery_failed(work.event, attempts, error.reason, retry_at)
+                log.info(
+                    "delivery of %s event %s failed (%s); retrying",
+                    work.event.platform,
+                    work.event.event_id,
+                    error.reason,
+                )
+                await asyncio.sleep(delay)
+                continue
+            await self._save_handle(work)
+            await self._storage.set_status(work.event, EventStatus.DELIVERED)
+            return
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    async def _accept_only(self, event: StoredEvent, reply: ReplyHandle) -> None:
+        """While shutting down: acknowledge on the platform (a slash command's defer) and keep
+        the handle, so the next start answers in the same place."""
+        work = _Work(event, message_from_dict(event.payload), reply, accept=False)
+        try:
+            await reply.accept()
+            await self._save_handle(work)
+        except Exception:
+            log.exception("could not acknowledge %s event %s", event.platform, event.event_id)
+
+    async def _resolved(self, message: IncomingMessage) -> IncomingMessage:
+        adapter = self._adapters.get(message.channel.platform)
+        if adapter is None:
+            return message
+        try:
+            async with asyncio.timeout(RESOLVE_TIMEOUT_S):
+                return await adapter.resolve(message)
+        except Exception:
+            log.warning(
+                "could not look up the names in %s event %s", message.channel.platform, message.event_id
+            )
+            return message
+
+    def _reply_for(self, message: IncomingMessage, handle: dict[str, Any] | None) -> ReplyHandle | None:
+        adapter = self._adapters.get(message.channel.platform)
+        return adapter.reply_for(message, handle) if adapter is not None else None
+
+    async def _save_handle(self, work: _Work) -> None:
+        handle = work.reply.handle
+        if handle != work.saved_handle:
+            await self._storage.save_reply_handle(work.event, handle)
+            work.saved_handle = dict(handle) if handle is not None else None
+
+    async def _save_final(self, work: _Work, text: str, kind: FinalKind) -> None:
+        if not await self._storage.save_final(work.event, text, kind):
+            raise LostClaim(f"{work.event.platform} event {work.event.event_id} was taken over")
+        work.final = (text, kind)
+
+    async def _reply_text(self, work: _Work, text: str, outcome: Outcome) -> Outcome:
+        await self._save_final(work, text, FinalKind.TEXT)
+        return outcome
+
+    async def _skip(self, work: _Work, outcome: Outcome) -> Outcome:
+        await self._storage.set_status(work.event, EventStatus.SKIPPED)
+        await work.reply.withdraw()
+        return outcome
+
+    async def _give_up(self, work: _Work) -> None:
+        """After an unexpected error: one honest note, through the outbox like any answer."""
+        try:
+            if work.final is None:
+                await self._save_final(work, FAILURE_TEXT, FinalKind.ERROR)
+            await self._deliver(work)
+        except Exception:
+            log.exception("could not deliver a failure note")
 
     async def _history(self, channel: ChannelRef, query: str, budget: int) -> tuple[Turn, ...]:
         """The newest turns whose full prompt, with ``query``, fits in ``budget`` tokens."""
@@ -277,19 +574,20 @@ class Bot:
             return False
         return not channels or message.channel.channel_id in channels
 
-    async def _reply_text(
-        self,
-        message: IncomingMessage,
-        reply: ReplyHandle,
-        text: str,
-        outcome: Outcome,
-        progress: _Progress,
-    ) -> Outcome:
-        await self._storage.mark_event(message.channel.platform, message.event_id, EventStatus.ANSWERED)
-        progress.settled = True
-        await reply.begin()
-        await reply.finish(text)
-        return outcome
+    def _window_start(self) -> datetime:
+        return datetime.now(UTC) - timedelta(seconds=self._settings.recover_window_s)
+
+    async def _maintain(self) -> None:
+        """The heartbeat (leases) and the sweep (dead replicas' events, expired ones)."""
+        every = min(self._settings.lease_s / 3, 5.0)
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self._storage.renew_leases()
+                await self._storage.expire_events(self._window_start())
+                await self.recover()
+            except Exception:
+                log.exception("the delivery sweep failed; retrying")
 
     @staticmethod
     async def _safe_fail(reply: ReplyHandle, reason: str) -> None:

@@ -8,7 +8,7 @@ about Slack, Discord, SQL or the model.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
@@ -79,10 +79,19 @@ class IncomingMessage:
 class ReplyHandle(Protocol):
     """Where one answer goes. Every call receives the whole text so far, not a delta.
 
-    ``begin`` is called once the core has decided to answer (after dedupe and access control),
-    so an adapter can post its placeholder then; ``update`` carries partial text (the core
-    throttles it); exactly one of ``finish`` / ``fail`` ends the reply.
+    ``accept`` runs right after the core has recorded the message (a slash command's defer);
+    ``begin`` when the message's turn in its conversation comes and the core answers it (the
+    placeholder); ``update`` carries partial text, one call at a time; ``finish`` / ``fail`` show
+    the final text, raising ``DeliveryError`` when the platform did not take it (the core retries
+    them on the same handle); ``withdraw`` removes what ``accept`` showed when nothing is answered.
+    ``handle`` is where the reply is shown, JSON-safe (the platform's message ids): the core stores
+    it, and an adapter's ``reply_for`` rebuilds the same reply from it after a restart.
     """
+
+    @property
+    def handle(self) -> dict[str, Any] | None: ...
+
+    async def accept(self) -> None: ...
 
     async def begin(self) -> None: ...
 
@@ -92,10 +101,25 @@ class ReplyHandle(Protocol):
 
     async def fail(self, reason: str) -> None: ...
 
+    async def withdraw(self) -> None: ...
+
+
+class DeliveryError(Exception):
+    """The platform did not take a final text. ``transient``: it may later (5xx, 429, the network);
+    otherwise it never will (the message is gone, the bot was removed). ``retry_after``: seconds
+    the platform asked for."""
+
+    def __init__(self, reason: str, *, transient: bool, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.transient = transient
+        self.retry_after = retry_after
+
 
 class Outcome(enum.StrEnum):
     """What the core did with a message; adapters may use it to clean up (e.g. a deferred reply)."""
 
+    ACCEPTED = "accepted"  # recorded; the answer follows in the background
     ANSWERED = "answered"
     COMMAND = "command"
     DUPLICATE = "duplicate"
@@ -103,9 +127,29 @@ class Outcome(enum.StrEnum):
     REFUSED = "refused"
     REJECTED = "rejected"  # bad input answered with an explanation, no model call
     FAILED = "failed"
+    DEFERRED = "deferred"  # left for the next start (the bot is shutting down)
 
 
-Handler = Callable[[IncomingMessage, ReplyHandle], Coroutine[Any, Any, Outcome]]
+class Core(Protocol):
+    """What an adapter calls: the one seam into the core."""
+
+    @property
+    def accepting(self) -> bool:
+        """False while shutting down (messages handed in now are answered by the next start)."""
+        ...
+
+    async def submit(self, message: IncomingMessage, reply: ReplyHandle) -> Outcome:
+        """Record ``message`` and return at once (ACCEPTED, or DUPLICATE); the answer follows in
+        the background. An adapter acknowledges the platform's delivery only after this returns."""
+        ...
+
+    async def handle(self, message: IncomingMessage, reply: ReplyHandle) -> Outcome:
+        """``submit``, then wait for the answer: for adapters that show one answer at a time."""
+        ...
+
+    def cancel(self, platform: str, event_id: str) -> bool:
+        """The question was deleted: stop answering it. False if it is not being answered here."""
+        ...
 
 
 class PlatformUnreachable(ConnectionError):
@@ -117,16 +161,35 @@ class Adapter(Protocol):
 
     platform: str
 
-    async def start(self, handler: Handler) -> None:
-        """Connect and begin delivering messages to ``handler``; returns once running."""
+    async def start(self, core: Core) -> None:
+        """Connect and begin delivering messages to ``core``; returns once running."""
         ...
 
     async def stop(self) -> None: ...
 
-    def reply_for(self, message: IncomingMessage) -> ReplyHandle | None:
-        """A reply handle for a message recovered from storage after a restart, or None if the
-        platform can no longer be answered for it (e.g. an expired interaction)."""
+    async def resolve(self, message: IncomingMessage) -> IncomingMessage:
+        """``message`` with the names it mentions looked up: called after it is recorded, so no
+        look-up can delay or reorder the recording."""
         ...
+
+    def reply_for(self, message: IncomingMessage, handle: dict[str, Any] | None) -> ReplyHandle | None:
+        """The reply for a message recovered from storage, showing in the messages ``handle``
+        names (None: none posted yet), or None if the platform can no longer be answered for it."""
+        ...
+
+
+class BaseReply:
+    """No-op defaults for the optional parts of ``ReplyHandle``."""
+
+    @property
+    def handle(self) -> dict[str, Any] | None:
+        return None
+
+    async def accept(self) -> None:
+        return None
+
+    async def withdraw(self) -> None:
+        return None
 
 
 def message_to_dict(message: IncomingMessage) -> dict[str, Any]:

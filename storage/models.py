@@ -100,21 +100,40 @@ class Message(Base):
 
 
 class ProcessedEvent(Base):
-    """A platform event seen by some process: the dedupe key and, while ``received``, the payload
-    a restarted process uses to answer it."""
+    """A platform event seen by some replica: the dedupe key, the arrival order (``id``) within its
+    ``conversation``, and the delivery state machine
+
+        received -> generating -> answered -> delivered        (skipped, failed: final too)
+
+    ``owner`` ("replica#incarnation") holds the event while ``lease_expires_at`` is in the future; a
+    heartbeat renews it, so only a dead owner's events are ever taken over. ``reply_handle`` says
+    where the answer is shown (the platform's message ids), so a resumed answer edits that message;
+    ``final_text`` is the outbox: written with the turn, delivered until the platform confirms."""
 
     __tablename__ = "processed_events"
     __table_args__ = (
         UniqueConstraint("platform", "event_id"),
-        CheckConstraint("status IN ('received', 'answered', 'failed')", name="status"),
+        CheckConstraint(
+            "status IN ('received', 'generating', 'answered', 'delivered', 'skipped', 'failed')",
+            name="status",
+        ),
         Index(None, "status", "received_at"),
+        Index(None, "conversation", "id"),
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     platform: Mapped[str] = mapped_column(String(32))
     event_id: Mapped[str] = mapped_column(String(255))
     status: Mapped[str] = mapped_column(String(16))
-    owner: Mapped[str] = mapped_column(String(64))
+    owner: Mapped[str] = mapped_column(String(255))
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    conversation: Mapped[str] = mapped_column(String(600), default="")
+    lease_expires_at: Mapped[datetime | None] = mapped_column()
+    reply_handle: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    final_text: Mapped[str | None] = mapped_column(Text)
+    final_kind: Mapped[str | None] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column()
+    last_error: Mapped[str | None] = mapped_column(String(255))

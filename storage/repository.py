@@ -9,12 +9,12 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 from alembic.util import CommandError
-from sqlalchemy import CursorResult, Result, Select, delete, exists, select, update
+from sqlalchemy import CursorResult, Result, Select, delete, exists, func, select, update
 from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.exc import DBAPIError
@@ -31,13 +31,53 @@ from storage.models import Conversation, Message, ProcessedEvent, utcnow
 class ClaimResult(enum.StrEnum):
     NEW = "new"
     DUPLICATE = "duplicate"
-    TAKEOVER = "takeover"  # a crashed earlier process claimed it and never answered; now it is ours
+    TAKEOVER = "takeover"  # recorded by a replica that died before finishing it; now it is ours
 
 
 class EventStatus(enum.StrEnum):
-    RECEIVED = "received"
-    ANSWERED = "answered"
-    FAILED = "failed"
+    RECEIVED = "received"  # recorded; not started
+    GENERATING = "generating"  # its conversation's turn came; the answer is being written
+    ANSWERED = "answered"  # the turn and the final text (the outbox) are stored; not yet shown
+    DELIVERED = "delivered"  # the platform confirmed the final text
+    SKIPPED = "skipped"  # nothing to answer (a follow-up without history, a deleted question)
+    FAILED = "failed"  # the platform refused the final text for good
+
+
+class FinalKind(enum.StrEnum):
+    TEXT = "text"  # shown as the answer
+    ERROR = "error"  # shown as a failure note
+
+
+class LostClaim(Exception):
+    """Another replica took the event over (this one was presumed dead): stop working on it."""
+
+
+UNFINISHED = (EventStatus.RECEIVED, EventStatus.GENERATING, EventStatus.ANSWERED)
+NOT_ANSWERED = (EventStatus.RECEIVED, EventStatus.GENERATING)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """One processed_events row, as the core resumes it."""
+
+    id: int  # the arrival sequence: a conversation is answered in this order
+    platform: str
+    event_id: str
+    conversation: str
+    status: EventStatus
+    owner: str
+    payload: dict[str, Any]
+    reply_handle: dict[str, Any] | None
+    final_text: str | None
+    final_kind: str | None
+    attempts: int
+    received_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    result: ClaimResult
+    event: StoredEvent | None  # None for a duplicate
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,12 +118,17 @@ def _settle(task: asyncio.Future[Any]) -> None:
 
 
 class Storage:
-    """One process's handle on the database. ``instance_id`` marks the events this process
-    claimed, so that after a restart the new process can tell which ones were left unanswered."""
+    """One process's handle on the database.
 
-    def __init__(self, engine: AsyncEngine, instance_id: str) -> None:
-        self.instance_id = instance_id
-        self.started_at = utcnow()
+    ``owner`` ("replica#incarnation") marks the events this process recorded or took over. Its
+    claims carry a lease of ``lease_s`` seconds that ``renew_leases`` extends; an event is taken
+    over only when its lease has run out, or when its owner is an earlier incarnation of this same
+    replica (a replica id names one live process at a time, so that one is dead)."""
+
+    def __init__(self, engine: AsyncEngine, owner: str, *, lease_s: float = 30.0) -> None:
+        self.owner = owner
+        self.replica = owner.partition("#")[0]
+        self.lease_s = lease_s
         self._engine = engine
         self._dialect = engine.dialect.name
         self._reads = async_sessionmaker(engine, expire_on_commit=False)
@@ -92,10 +137,23 @@ class Storage:
         self._pending: set[asyncio.Future[Any]] = set()
         self.location = engine.url.render_as_string(hide_password=True)  # for logs: no password
 
+    @property
+    def instance_id(self) -> str:
+        return self.owner
+
     @classmethod
-    async def open(cls, url: str, *, instance_id: str | None = None, data_dir: Path | None = None) -> Storage:
+    async def open(
+        cls,
+        url: str,
+        *,
+        instance_id: str | None = None,
+        replica_id: str | None = None,
+        lease_s: float = 30.0,
+        data_dir: Path | None = None,
+    ) -> Storage:
         """Connect to ``url`` (see ``storage.db.normalize_url``, with ``data_dir`` the base of a
-        relative SQLite path) and migrate it to the newest schema."""
+        relative SQLite path) and migrate it to the newest schema. ``instance_id`` is the whole
+        owner string; otherwise it is ``replica_id`` (default: a random one) + a fresh incarnation."""
         normalized = normalize_url(url, data_dir)
         engine = create_engine(normalized)
         try:
@@ -107,7 +165,8 @@ class Storage:
         except BaseException:
             await engine.dispose()
             raise
-        return cls(engine, instance_id or uuid.uuid4().hex)
+        owner = instance_id or f"{replica_id or uuid.uuid4().hex[:12]}#{uuid.uuid4().hex[:12]}"
+        return cls(engine, owner, lease_s=lease_s)
 
     async def ping(self, timeout_s: float = 2.0) -> bool:
         """Whether the database answers a trivial query within ``timeout_s`` (for /healthz)."""
@@ -123,25 +182,33 @@ class Storage:
             await asyncio.gather(*self._pending, return_exceptions=True)
         await self._engine.dispose()
 
-    # -- events ---------------------------------------------------------------------------------
+    # -- events: recording and claims ------------------------------------------------------------
 
     @_uncancellable
-    async def claim_event(self, platform: str, event_id: str, payload: dict[str, Any]) -> ClaimResult:
-        """Record a platform event before answering it; only a NEW or TAKEOVER claim should be answered.
+    async def record_event(
+        self, platform: str, event_id: str, conversation: str, payload: dict[str, Any]
+    ) -> Claim:
+        """Record a platform event at acceptance; only a NEW or TAKEOVER claim is to be worked on.
 
-        TAKEOVER: the event was claimed, before this process started, by another process that never
-        answered it (it crashed); the claim is now this process's."""
+        Its ``id`` is its arrival sequence. Within one conversation ids are handed out and committed
+        in the same order on every backend (SQLite writes one transaction at a time; on PostgreSQL a
+        per-conversation advisory lock serialises the insert), so no reader ever sees a later id
+        before an earlier one. A redelivered event whose owner is gone is taken over (TAKEOVER)."""
         now = utcnow()
-        key = (ProcessedEvent.platform == platform, ProcessedEvent.event_id == event_id)
         async with self._write() as session:
+            if self._dialect == "postgresql":
+                await session.execute(select(func.pg_advisory_xact_lock(func.hashtext(conversation))))
             insert = self._insert(ProcessedEvent).values(
                 platform=platform,
                 event_id=event_id,
+                conversation=conversation,
                 status=EventStatus.RECEIVED.value,
-                owner=self.instance_id,
+                owner=self.owner,
                 payload=payload,
                 received_at=now,
                 updated_at=now,
+                lease_expires_at=now + timedelta(seconds=self.lease_s),
+                attempts=0,
             )
             claimed = await session.scalar(
                 insert.on_conflict_do_nothing(index_elements=["platform", "event_id"]).returning(
@@ -149,59 +216,154 @@ class Storage:
                 )
             )
             if claimed is not None:
-                return ClaimResult.NEW
-            existing = (
-                await session.execute(
-                    select(ProcessedEvent.status, ProcessedEvent.owner, ProcessedEvent.updated_at).where(*key)
+                return Claim(ClaimResult.NEW, _stored(await session.get_one(ProcessedEvent, claimed)))
+            row = await session.scalar(
+                select(ProcessedEvent).where(
+                    ProcessedEvent.platform == platform, ProcessedEvent.event_id == event_id
                 )
-            ).one_or_none()
-            if (
-                existing is None
-                or existing.status != EventStatus.RECEIVED
-                or existing.owner == self.instance_id
-                # Claimed since this process started: its owner is alive (a peer, or a process that
-                # just took it over), not the crashed predecessor. Without this two live processes
-                # would keep taking a re-delivered event from each other and both answer it.
-                or existing.updated_at >= self.started_at
-            ):
-                return ClaimResult.DUPLICATE
-            # Conditional on the old owner: of several restarted processes only one wins.
-            taken = await session.execute(
-                update(ProcessedEvent)
-                .where(
-                    *key,
-                    ProcessedEvent.owner == existing.owner,
-                    ProcessedEvent.status == EventStatus.RECEIVED,
-                )
-                .values(owner=self.instance_id, updated_at=now)
             )
-            return ClaimResult.TAKEOVER if _rowcount(taken) == 1 else ClaimResult.DUPLICATE
+            if row is None or not self._may_take(row, now):
+                return Claim(ClaimResult.DUPLICATE, None)
+            taken = await self._take(session, row, now)
+            return Claim(ClaimResult.TAKEOVER, taken) if taken else Claim(ClaimResult.DUPLICATE, None)
 
     @_uncancellable
-    async def mark_event(self, platform: str, event_id: str, status: EventStatus) -> None:
-        async with self._write() as session:
-            await session.execute(
-                update(ProcessedEvent)
-                .where(ProcessedEvent.platform == platform, ProcessedEvent.event_id == event_id)
-                .values(status=status.value, updated_at=utcnow())
-            )
-
-    @_uncancellable
-    async def unanswered_events(self, since: datetime) -> list[dict[str, Any]]:
-        """Payloads of events that other processes claimed at or after ``since`` and never
-        finished, oldest first: what a restarted process should answer."""
+    async def orphaned_events(self, since: datetime) -> list[StoredEvent]:
+        """Unfinished events received at or after ``since`` whose owner is gone (see the class
+        docstring), oldest first: what this replica should take over and finish."""
         _require_aware(since)
+        now = utcnow()
         async with self._read() as session:
-            payloads = await session.scalars(
-                select(ProcessedEvent.payload)
+            rows = await session.scalars(
+                select(ProcessedEvent)
                 .where(
-                    ProcessedEvent.status == EventStatus.RECEIVED,
-                    ProcessedEvent.owner != self.instance_id,
+                    ProcessedEvent.status.in_([status.value for status in UNFINISHED]),
                     ProcessedEvent.received_at >= since,
+                    ProcessedEvent.owner != self.owner,
                 )
-                .order_by(ProcessedEvent.received_at, ProcessedEvent.id)
+                .order_by(ProcessedEvent.id)
             )
-            return list(payloads)
+            return [_stored(row) for row in rows if self._may_take(row, now)]
+
+    @_uncancellable
+    async def take_over(self, event: StoredEvent) -> StoredEvent | None:
+        """Claim ``event`` from its gone owner; None if another replica was quicker."""
+        now = utcnow()
+        async with self._write() as session:
+            row = await session.get(ProcessedEvent, event.id)
+            if row is None or row.owner != event.owner or not self._may_take(row, now):
+                return None
+            return await self._take(session, row, now)
+
+    @_uncancellable
+    async def renew_leases(self) -> int:
+        """The heartbeat: extend the lease of every unfinished event this process owns."""
+        now = utcnow()
+        async with self._write() as session:
+            result = await session.execute(
+                update(ProcessedEvent)
+                .where(
+                    ProcessedEvent.owner == self.owner,
+                    ProcessedEvent.status.in_([status.value for status in UNFINISHED]),
+                )
+                .values(lease_expires_at=now + timedelta(seconds=self.lease_s))
+            )
+            return _rowcount(result)
+
+    @_uncancellable
+    async def release_leases(self) -> int:
+        """At shutdown: let any replica take over this process's unfinished events at once."""
+        async with self._write() as session:
+            result = await session.execute(
+                update(ProcessedEvent)
+                .where(
+                    ProcessedEvent.owner == self.owner,
+                    ProcessedEvent.status.in_([status.value for status in UNFINISHED]),
+                )
+                .values(lease_expires_at=utcnow())
+            )
+            return _rowcount(result)
+
+    # -- events: the delivery state machine ------------------------------------------------------
+
+    @_uncancellable
+    async def first_unanswered_before(self, event: StoredEvent) -> StoredEvent | None:
+        """The oldest event of ``event``'s conversation that arrived before it and is not answered
+        yet: the conversation's order says it goes first. (Events too old to be resumed stop
+        counting once ``expire_events`` has given them up.)"""
+        async with self._read() as session:
+            row = await session.scalar(
+                select(ProcessedEvent)
+                .where(
+                    ProcessedEvent.conversation == event.conversation,
+                    ProcessedEvent.id < event.id,
+                    ProcessedEvent.status.in_([status.value for status in NOT_ANSWERED]),
+                )
+                .order_by(ProcessedEvent.id)
+                .limit(1)
+            )
+            return _stored(row) if row is not None else None
+
+    @_uncancellable
+    async def set_status(self, event: StoredEvent, status: EventStatus, *, error: str | None = None) -> bool:
+        """Move an owned event to ``status``; False if this process no longer owns it."""
+        values: dict[str, Any] = {"status": status.value, "updated_at": utcnow()}
+        if error is not None:
+            values["last_error"] = error[:255]
+        return await self._update_owned(event, values)
+
+    @_uncancellable
+    async def save_reply_handle(self, event: StoredEvent, handle: dict[str, Any] | None) -> bool:
+        """Where the answer is shown (the platform's message ids), so a resumed answer edits it."""
+        return await self._update_owned(event, {"reply_handle": handle, "updated_at": utcnow()})
+
+    @_uncancellable
+    async def save_final(self, event: StoredEvent, text: str, kind: FinalKind) -> bool:
+        """Put a final text that needs no turn (a command's answer, a note) in the outbox."""
+        values = {
+            "status": EventStatus.ANSWERED.value,
+            "final_text": _storable(text),
+            "final_kind": kind.value,
+            "updated_at": utcnow(),
+        }
+        return await self._update_owned(event, values)
+
+    @_uncancellable
+    async def delivery_failed(
+        self, event: StoredEvent, attempts: int, error: str, retry_at: datetime
+    ) -> bool:
+        """A delivery attempt of the outbox text failed and will be tried again at ``retry_at``."""
+        values = {"attempts": attempts, "last_error": error[:255], "next_attempt_at": retry_at}
+        return await self._update_owned(event, values)
+
+    @_uncancellable
+    async def event_state(self, platform: str, event_id: str) -> StoredEvent | None:
+        async with self._read() as session:
+            row = await session.scalar(
+                select(ProcessedEvent).where(
+                    ProcessedEvent.platform == platform, ProcessedEvent.event_id == event_id
+                )
+            )
+            return _stored(row) if row is not None else None
+
+    @_uncancellable
+    async def expire_events(self, before: datetime) -> int:
+        """Unfinished events received before ``before`` (BOT_RECOVER_WINDOW_S) whose owner is gone
+        are given up (failed), so they no longer hold their conversation's later messages back."""
+        _require_aware(before)
+        now = utcnow()
+        async with self._write() as session:
+            rows = await session.scalars(
+                select(ProcessedEvent).where(
+                    ProcessedEvent.status.in_([status.value for status in UNFINISHED]),
+                    ProcessedEvent.received_at < before,
+                )
+            )
+            expired = [row for row in rows if self._may_take(row, now)]
+            for row in expired:
+                row.status, row.updated_at = EventStatus.FAILED.value, now
+                row.last_error = "not finished within BOT_RECOVER_WINDOW_S"
+            return len(expired)
 
     @_uncancellable
     async def prune_events(self, older_than: datetime) -> int:
@@ -273,10 +435,13 @@ class Storage:
         user_tokens: int,
         assistant_text: str,
         assistant_tokens: int,
-        event: tuple[str, str] | None = None,
+        event: StoredEvent | None = None,
+        final_text: str | None = None,
     ) -> None:
-        """Store one question and its answer, and mark ``event`` (platform, event_id) answered:
-        all in one transaction, so a crash never leaves half a turn or an answered-but-unmarked event."""
+        """Store one question and its answer and, for ``event``, put ``final_text`` (default: the
+        answer) in its outbox and mark it answered: all in one transaction, so a crash never leaves
+        half a turn, or a stored answer that nobody will deliver. Raises ``LostClaim`` (storing
+        nothing) if another replica has taken ``event`` over."""
         now = utcnow()
         async with self._write() as session:
             await session.execute(
@@ -312,17 +477,17 @@ class Storage:
                 )
             )
             if event is not None:
-                platform, event_id = event
-                await session.execute(
-                    update(ProcessedEvent)
-                    .where(ProcessedEvent.platform == platform, ProcessedEvent.event_id == event_id)
-                    .values(status=EventStatus.ANSWERED.value, updated_at=now)
-                )
+                await self._answer_event(session, event, assistant_text if final_text is None else final_text)
 
     @_uncancellable
-    async def clear(self, channel: ChannelRef) -> int:
-        """Delete the conversation's messages; returns how many were deleted."""
+    async def clear(
+        self, channel: ChannelRef, *, event: StoredEvent | None = None, final_text: str = ""
+    ) -> int:
+        """Delete the conversation's messages (and, for ``event``, put ``final_text`` in its outbox,
+        in the same transaction); returns how many were deleted."""
         async with self._write() as session:
+            if event is not None:
+                await self._answer_event(session, event, final_text)
             result = await session.execute(
                 delete(Message).where(Message.conversation_id == _conversation(channel).scalar_subquery()),
                 execution_options={"synchronize_session": False},
@@ -330,6 +495,48 @@ class Storage:
             return _rowcount(result)
 
     # -- internals ------------------------------------------------------------------------------
+
+    def _may_take(self, row: ProcessedEvent, now: datetime) -> bool:
+        if row.status not in UNFINISHED or row.owner == self.owner:
+            return False
+        if row.owner.partition("#")[0] == self.replica:
+            return True  # an earlier incarnation of this replica: it is dead
+        return row.lease_expires_at is None or row.lease_expires_at <= now
+
+    async def _take(self, session: AsyncSession, row: ProcessedEvent, now: datetime) -> StoredEvent | None:
+        # Conditional on the old owner: of several replicas sweeping at once only one wins.
+        taken = await session.execute(
+            update(ProcessedEvent)
+            .where(ProcessedEvent.id == row.id, ProcessedEvent.owner == row.owner)
+            .values(owner=self.owner, lease_expires_at=now + timedelta(seconds=self.lease_s), updated_at=now)
+        )
+        if _rowcount(taken) != 1:
+            return None
+        await session.refresh(row)
+        return _stored(row)
+
+    async def _answer_event(self, session: AsyncSession, event: StoredEvent, text: str) -> None:
+        answered = await session.execute(
+            update(ProcessedEvent)
+            .where(ProcessedEvent.id == event.id, ProcessedEvent.owner == self.owner)
+            .values(
+                status=EventStatus.ANSWERED.value,
+                final_text=_storable(text),
+                final_kind=FinalKind.TEXT.value,
+                updated_at=utcnow(),
+            )
+        )
+        if _rowcount(answered) != 1:
+            raise LostClaim(f"{event.platform} event {event.event_id} was taken over by another replica")
+
+    async def _update_owned(self, event: StoredEvent, values: dict[str, Any]) -> bool:
+        async with self._write() as session:
+            result = await session.execute(
+                update(ProcessedEvent)
+                .where(ProcessedEvent.id == event.id, ProcessedEvent.owner == self.owner)
+                .values(**values)
+            )
+            return _rowcount(result) == 1
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncSession]:
@@ -345,6 +552,23 @@ class Storage:
     def _insert(self, table: type[Conversation] | type[ProcessedEvent]) -> pg.Insert | sqlite.Insert:
         # The dialect's own INSERT, for ON CONFLICT DO NOTHING (same syntax on both backends).
         return pg.insert(table) if self._dialect == "postgresql" else sqlite.insert(table)
+
+
+def _stored(row: ProcessedEvent) -> StoredEvent:
+    return StoredEvent(
+        id=row.id,
+        platform=row.platform,
+        event_id=row.event_id,
+        conversation=row.conversation,
+        status=EventStatus(row.status),
+        owner=row.owner,
+        payload=row.payload,
+        reply_handle=row.reply_handle,
+        final_text=row.final_text,
+        final_kind=row.final_kind,
+        attempts=row.attempts,
+        received_at=row.received_at,
+    )
 
 
 def _conversation(channel: ChannelRef) -> Select[int]:
