@@ -14,6 +14,7 @@ from typing import Any
 
 from bot.config import Settings
 from bot.core import Bot
+from bot.events import Adapter, BaseReply
 from bot.generation import GenerationRequest, GenerationResult, Turn
 from bot.service import ModelService
 from storage.repository import Storage
@@ -146,14 +147,26 @@ async def bot_stack(
     storage = await Storage.open(settings.database_url)
     service = ModelService(lambda: gen, queue_size=settings.queue_size, timeout_s=settings.request_timeout_s)
     await service.start()
+    bot = Bot(settings, storage, service, clock=clock)
     try:
-        yield BotStack(Bot(settings, storage, service, clock=clock), storage, service, settings, gen)
+        yield BotStack(bot, storage, service, settings, gen)
     finally:
+        await bot.drain(STACK_GRACE_S)
         await service.close()
         await storage.close()
 
 
-class RecordingReply:
+async def start_adapter(bot: Bot, adapter: Adapter) -> None:
+    """Start ``adapter`` in front of ``bot`` and attach it, as the app's supervisor does."""
+    await adapter.start(bot)
+    bot.attach(adapter)
+
+
+# How long a test stack's shutdown lets answers still running finish (as BOT_SHUTDOWN_GRACE_S).
+STACK_GRACE_S = 2.0
+
+
+class RecordingReply(BaseReply):
     """A ReplyHandle that records every call, for core and console tests."""
 
     def __init__(self) -> None:

@@ -4,14 +4,14 @@ from pathlib import Path
 
 from adapters.console_adapter import ConsoleAdapter, ConsoleReply
 from bot.core import HELP_TEXT, RESET_TEXT
-from tests.support import ScriptedGenerator, bot_stack
+from tests.support import ScriptedGenerator, bot_stack, start_adapter
 
 
 async def chat(tmp_path: Path, lines: str, generator: ScriptedGenerator | None = None) -> str:
     out = io.StringIO()
     async with bot_stack(tmp_path, generator) as stack:
         adapter = ConsoleAdapter(stdin=io.StringIO(lines), stdout=out, user="tester")
-        await adapter.start(stack.bot.handle)
+        await start_adapter(stack.bot, adapter)
         await asyncio.wait_for(adapter.closed(), 10)
     return out.getvalue()
 
@@ -41,7 +41,7 @@ async def test_cancel_stops_only_the_current_answer(tmp_path: Path) -> None:
     async with bot_stack(tmp_path, gen) as stack:
         feed = _LineFeed()
         adapter = ConsoleAdapter(stdin=feed, stdout=out, user="tester")  # type: ignore[arg-type]
-        await adapter.start(stack.bot.handle)
+        await start_adapter(stack.bot, adapter)
         feed.put("slow\n")
         await asyncio.to_thread(gen.started.wait, 5)
         adapter._interrupt()  # what Ctrl-C does while an answer is being generated

@@ -13,7 +13,7 @@ from discord.http import Route
 
 from adapters.discord_adapter import DiscordAdapter
 from tests.adapters.discord.fake_discord import FakeDiscord
-from tests.support import BotStack, ScriptedGenerator, bot_stack
+from tests.support import BotStack, ScriptedGenerator, bot_stack, start_adapter
 
 Running = tuple[DiscordAdapter, BotStack]
 # The ``running`` fixture: ``running(generator, **settings)`` starts the adapter in front of the core.
@@ -59,7 +59,7 @@ def running(tmp_path: Path, fake: FakeDiscord) -> StartRunning:
     async def start(generator: ScriptedGenerator | None = None, **overrides: Any) -> AsyncIterator[Running]:
         async with bot_stack(tmp_path, generator, **discord_settings(fake, **overrides)) as stack:
             adapter = DiscordAdapter(stack.settings, ready_timeout=10, guild_ready_timeout=0.05)
-            await adapter.start(stack.bot.handle)
+            await start_adapter(stack.bot, adapter)
             try:
                 yield adapter, stack
             finally:

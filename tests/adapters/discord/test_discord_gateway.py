@@ -14,7 +14,7 @@ from bot.config import ConfigError
 from bot.events import ChannelRef, IncomingMessage, Outcome, PlatformUnreachable, ReplyHandle, message_to_dict
 from tests.adapters.discord.conftest import StartRunning, discord_settings
 from tests.adapters.discord.fake_discord import BOT_ID, MESSAGE_CONTENT_INTENT, FakeDiscord
-from tests.support import ScriptedGenerator, bot_stack
+from tests.support import ScriptedGenerator, bot_stack, start_adapter
 
 WORDS = " ".join(f"word{i}" for i in range(50))
 GUILDS, GUILD_MESSAGES, DM_MESSAGES = 1 << 0, 1 << 9, 1 << 12
@@ -97,7 +97,7 @@ async def test_an_unreachable_gateway_is_a_clear_start_error(fake: FakeDiscord, 
     async with bot_stack(tmp_path, **settings) as stack:
         adapter = DiscordAdapter(stack.settings, ready_timeout=1)
         with pytest.raises(PlatformUnreachable, match="cannot connect to the Discord gateway") as error:
-            await adapter.start(stack.bot.handle)
+            await start_adapter(stack.bot, adapter)
         assert "/nowhere" in str(error.value)
 
 
@@ -126,7 +126,7 @@ async def test_unanswered_messages_are_answered_after_a_restart(fake: FakeDiscor
 
     async with bot_stack(tmp_path, **settings) as second:
         adapter = DiscordAdapter(second.settings, guild_ready_timeout=0.05)
-        await adapter.start(second.bot.handle)
+        await start_adapter(second.bot, adapter)
         try:
             assert await second.bot.recover({"discord": adapter}) == 2
             await fake.wait_for(

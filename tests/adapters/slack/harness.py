@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from adapters.slack_adapter import EVENTS_PATH, SlackAdapter
 from tests.adapters.slack.fake_slack import APP_TOKEN, BOT_TOKEN, SIGNING_SECRET, FakeSlack, sign
-from tests.support import BotStack, ScriptedGenerator, bot_stack
+from tests.support import BotStack, ScriptedGenerator, bot_stack, start_adapter
 
 EDIT_INTERVAL = 0.05  # the adapter's per-message edit floor, shortened so tests stream quickly
 
@@ -67,7 +67,7 @@ async def slack_rig(
         http_app = None if socket_mode else web.Application()
         adapter = SlackAdapter(stack.settings, http_app, min_edit_interval=edit_interval)
         rig = SlackRig(stack, adapter, fake)
-        await adapter.start(stack.bot.handle)
+        await start_adapter(stack.bot, adapter)
         if http_app is None:
             try:
                 yield rig
