@@ -123,12 +123,14 @@ class Storage:
     ``owner`` ("replica#incarnation") marks the events this process recorded or took over. Its
     claims carry a lease of ``lease_s`` seconds that ``renew_leases`` extends; an event is taken
     over only when its lease has run out, or when its owner is an earlier incarnation of this same
-    replica (a replica id names one live process at a time, so that one is dead)."""
+    replica that has not touched it since this one started (a replica id names one live process at a
+    time, so that one is dead; one that claimed it later is alive)."""
 
     def __init__(self, engine: AsyncEngine, owner: str, *, lease_s: float = 30.0) -> None:
         self.owner = owner
         self.replica = owner.partition("#")[0]
         self.lease_s = lease_s
+        self.started_at = utcnow()
         self._engine = engine
         self._dialect = engine.dialect.name
         self._reads = async_sessionmaker(engine, expire_on_commit=False)
@@ -499,8 +501,8 @@ class Storage:
     def _may_take(self, row: ProcessedEvent, now: datetime) -> bool:
         if row.status not in UNFINISHED or row.owner == self.owner:
             return False
-        if row.owner.partition("#")[0] == self.replica:
-            return True  # an earlier incarnation of this replica: it is dead
+        if row.owner.partition("#")[0] == self.replica and row.updated_at < self.started_at:
+            return True  # claimed by an incarnation of this replica before this one started: dead
         return row.lease_expires_at is None or row.lease_expires_at <= now
 
     async def _take(self, session: AsyncSession, row: ProcessedEvent, now: datetime) -> StoredEvent | None:

@@ -82,7 +82,7 @@ async def database_url(backend: str, tmp_path: Path) -> AsyncIterator[str]:
 
 @pytest.fixture
 async def storage(database_url: str) -> AsyncIterator[Storage]:
-    opened = await Storage.open(database_url, instance_id="first")
+    opened = await Storage.open(database_url, instance_id="replica-a#1")  # replica "replica-a", incarnation 1
     try:
         yield opened
     finally:

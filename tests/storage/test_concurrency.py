@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from bot.events import ChannelRef
-from storage.repository import ClaimResult, Storage
+from storage.repository import ClaimResult, EventStatus, Storage
 
 OpenStorage = Callable[[str], Awaitable[Storage]]
 WRITERS = 60
@@ -58,38 +58,48 @@ async def test_concurrent_appends_to_many_conversations_lose_nothing(
         assert all(t.user.replace("question", "answer") == t.assistant for t in turns)
 
 
-async def test_concurrent_claims_of_one_event_give_exactly_one_new(storage: Storage) -> None:
-    results = await asyncio.gather(*(storage.claim_event("slack", "Ev-hot", {"n": n}) for n in range(50)))
-    assert Counter(results) == {ClaimResult.NEW: 1, ClaimResult.DUPLICATE: 49}
-
-
-async def test_concurrent_takeovers_give_exactly_one_winner(
-    storage: Storage, open_storage: OpenStorage
-) -> None:
-    await storage.claim_event("slack", "Ev-orphan", {})  # then "first" crashes without answering
-    second = await open_storage("second")
-    results = await asyncio.gather(*(second.claim_event("slack", "Ev-orphan", {}) for n in range(50)))
-    assert Counter(results) == {ClaimResult.TAKEOVER: 1, ClaimResult.DUPLICATE: 49}
-
-
-async def test_two_restarted_processes_take_over_an_event_once(
-    storage: Storage, open_storage: OpenStorage
-) -> None:
-    await storage.claim_event("slack", "Ev-orphan", {})
-    restarted = [await open_storage("second"), await open_storage("third")]
-    results = await asyncio.gather(
-        *(restarted[n % 2].claim_event("slack", "Ev-orphan", {}) for n in range(50))
+async def test_concurrent_records_of_one_event_give_exactly_one_new(storage: Storage) -> None:
+    claims = await asyncio.gather(
+        *(storage.record_event("slack", "Ev-hot", "c", {"n": n}) for n in range(50))
     )
-    assert Counter(results) == {ClaimResult.TAKEOVER: 1, ClaimResult.DUPLICATE: 49}
+    assert Counter(claim.result for claim in claims) == {ClaimResult.NEW: 1, ClaimResult.DUPLICATE: 49}
+
+
+async def test_redeliveries_to_two_restarted_processes_are_taken_over_once(
+    storage: Storage, open_storage: OpenStorage
+) -> None:
+    await storage.record_event("slack", "Ev-orphan", "c", {})  # then replica-a#1 crashes
+    restarted = [await open_storage("replica-a#2"), await open_storage("replica-a#3")]
+    claims = await asyncio.gather(
+        *(restarted[n % 2].record_event("slack", "Ev-orphan", "c", {}) for n in range(50))
+    )
+    assert Counter(claim.result for claim in claims) == {ClaimResult.TAKEOVER: 1, ClaimResult.DUPLICATE: 49}
+
+
+async def test_two_replicas_recording_one_conversation_keep_one_order(
+    storage: Storage, open_storage: OpenStorage
+) -> None:
+    # Ids are the conversation's arrival order: never committed out of order, whoever writes.
+    peer = await open_storage("replica-b#1")
+    claims = await asyncio.gather(
+        *((storage, peer)[n % 2].record_event("slack", f"Ev{n}", "c", {}) for n in range(WRITERS))
+    )
+    events = [claim.event for claim in claims if claim.event is not None]
+    assert len(events) == WRITERS
+    assert len({event.id for event in events}) == WRITERS
+    newest = max(events, key=lambda event: event.id)
+    ahead = await peer.first_unanswered_before(newest)
+    assert ahead is not None and ahead.id == min(event.id for event in events)
 
 
 async def test_mixed_concurrent_writes_all_succeed(storage: Storage, open_storage: OpenStorage) -> None:
-    other = await open_storage("other-process")
+    other = await open_storage("replica-b#1")
     channel = ChannelRef("console", "local")
 
     async def _answer(n: int) -> None:
         instance = (storage, other)[n % 2]
-        assert await instance.claim_event("console", f"e{n}", {"n": n}) is ClaimResult.NEW
+        claim = await instance.record_event("console", f"e{n}", str(channel), {"n": n})
+        assert claim.result is ClaimResult.NEW and claim.event is not None
         await instance.append_turn(
             channel,
             author_id="u",
@@ -98,10 +108,11 @@ async def test_mixed_concurrent_writes_all_succeed(storage: Storage, open_storag
             user_tokens=1,
             assistant_text=f"a{n}",
             assistant_tokens=1,
-            event=("console", f"e{n}"),
+            event=claim.event,
         )
+        assert await instance.set_status(claim.event, EventStatus.DELIVERED)
 
     await asyncio.gather(*(_answer(n) for n in range(WRITERS)), storage.clear(ChannelRef("console", "x")))
     assert len(await storage.recent_turns(channel, WRITERS)) == WRITERS
-    third = await open_storage("third")
-    assert await third.unanswered_events(datetime(2000, 1, 1, tzinfo=UTC)) == []
+    third = await open_storage("replica-a#2")
+    assert await third.orphaned_events(datetime(2000, 1, 1, tzinfo=UTC)) == []

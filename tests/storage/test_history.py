@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy.exc import IntegrityError
 
 from bot.events import ChannelRef
-from storage.repository import ClaimResult, Storage
+from storage.repository import EventStatus, Storage
 
 OpenStorage = Callable[[str], Awaitable[Storage]]
 CHANNEL = ChannelRef("slack", "C1")
@@ -104,24 +104,38 @@ async def test_unstorable_characters_are_replaced_not_fatal(storage: Storage) ->
     assert (turn.user, turn.assistant) == ("a\ufffdb", "c?d")
 
 
-async def test_append_turn_marks_its_event_answered(storage: Storage, open_storage: OpenStorage) -> None:
-    await storage.claim_event("slack", "Ev1", {"event_id": "Ev1"})
-    await storage.claim_event("slack", "Ev2", {"event_id": "Ev2"})
-    await _turn(storage, CHANNEL, 1, event=("slack", "Ev1"))
-    restarted = await open_storage("second")
-    assert await restarted.unanswered_events(datetime.now(UTC) - timedelta(hours=1)) == [{"event_id": "Ev2"}]
-    assert await restarted.claim_event("slack", "Ev1", {}) is ClaimResult.DUPLICATE
+async def test_append_turn_puts_the_answer_in_its_event_s_outbox(
+    storage: Storage, open_storage: OpenStorage
+) -> None:
+    first = (await storage.record_event("slack", "Ev1", str(CHANNEL), {"event_id": "Ev1"})).event
+    await storage.record_event("slack", "Ev2", str(CHANNEL), {"event_id": "Ev2"})
+    assert first is not None
+    await _turn(storage, CHANNEL, 1, event=first)
+    restarted = await open_storage("replica-a#2")
+    orphans = await restarted.orphaned_events(datetime.now(UTC) - timedelta(hours=1))
+    # Answered but not yet delivered: the next process delivers the stored text, it does not regenerate.
+    assert [(o.event_id, o.status, o.final_text) for o in orphans] == [
+        ("Ev1", EventStatus.ANSWERED, "a1"),
+        ("Ev2", EventStatus.RECEIVED, None),
+    ]
 
 
 async def test_append_turn_is_all_or_nothing(storage: Storage, open_storage: OpenStorage) -> None:
-    await storage.claim_event("slack", "Ev1", {"event_id": "Ev1"})
+    event = (await storage.record_event("slack", "Ev1", "slack:C1/t-new", {"event_id": "Ev1"})).event
+    assert event is not None
     new_thread = ChannelRef("slack", "C1", "t-new")
     # A negative token count violates a CHECK constraint on the second (assistant) insert.
     with pytest.raises(IntegrityError):
-        await _turn(storage, new_thread, 1, assistant_tokens=-1, event=("slack", "Ev1"))
+        await _turn(storage, new_thread, 1, assistant_tokens=-1, event=event)
     assert not await storage.has_history(new_thread)
-    restarted = await open_storage("second")
-    assert await restarted.unanswered_events(datetime.now(UTC) - timedelta(hours=1)) == [{"event_id": "Ev1"}]
-    await _turn(storage, new_thread, 2, event=("slack", "Ev1"))
+    restarted = await open_storage("replica-a#2")
+    since = datetime.now(UTC) - timedelta(hours=1)
+    assert [(o.event_id, o.status) for o in await restarted.orphaned_events(since)] == [
+        ("Ev1", EventStatus.RECEIVED)
+    ]
+    await _turn(storage, new_thread, 2, event=event)
     assert [(t.user, t.assistant) for t in await storage.recent_turns(new_thread, 5)] == [("q2", "a2")]
-    assert await restarted.unanswered_events(datetime.now(UTC) - timedelta(hours=1)) == []
+    # replica-a#1 wrote after replica-a#2 started, so it is alive to #2; a later start sees the outbox.
+    assert await restarted.orphaned_events(since) == []
+    later = await open_storage("replica-a#3")
+    assert [o.status for o in await later.orphaned_events(since)] == [EventStatus.ANSWERED]
