@@ -225,6 +225,8 @@ class Bot:
             return await asyncio.shield(work.task)
         except asyncio.CancelledError:
             work.task.cancel()
+            with suppress(asyncio.CancelledError):  # let it settle before the caller goes on
+                await work.task
             raise
 
     def cancel(self, platform: str, event_id: str) -> bool:
@@ -325,7 +327,8 @@ class Bot:
             outcome = Outcome.DEFERRED if self._stopping else Outcome.FAILED
             if not self._stopping:  # the question was deleted, or its asker gave up waiting
                 await self._storage.set_status(work.event, EventStatus.SKIPPED, error="cancelled")
-                await self._safe_fail(work.reply, CANCELLED_TEXT)
+                if work.final is None:  # a stored answer being shown gets no note under it
+                    await self._safe_fail(work.reply, CANCELLED_TEXT)
             raise
         except LostClaim as exc:
             log.warning("%s", exc)

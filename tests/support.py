@@ -144,7 +144,8 @@ async def bot_stack(
     """
     settings = make_settings(tmp_path, **overrides)
     gen = generator or ScriptedGenerator()
-    storage = await Storage.open(settings.database_url)
+    # One replica id for every stack of a test: a second stack is a restart of the first.
+    storage = await Storage.open(settings.database_url, replica_id="test-replica", lease_s=settings.lease_s)
     service = ModelService(lambda: gen, queue_size=settings.queue_size, timeout_s=settings.request_timeout_s)
     await service.start()
     bot = Bot(settings, storage, service, clock=clock)
@@ -167,14 +168,23 @@ STACK_GRACE_S = 2.0
 
 
 class RecordingReply(BaseReply):
-    """A ReplyHandle that records every call, for core and console tests."""
+    """A ReplyHandle that records every call, for core and console tests. After ``begin`` its
+    ``handle`` is ``{"reply": name}``; one built with a stored handle is shown "in" that reply."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "reply", *, resumed: dict[str, Any] | None = None) -> None:
+        self.name = name
         self.calls: list[tuple[str, str]] = []
         self.done = asyncio.Event()
+        self._handle = resumed
+
+    @property
+    def handle(self) -> dict[str, Any] | None:
+        return self._handle
 
     async def begin(self) -> None:
         self.calls.append(("begin", ""))
+        if self._handle is None:
+            self._handle = {"reply": self.name}
 
     async def update(self, text: str) -> None:
         self.calls.append(("update", text))

@@ -1,15 +1,21 @@
 import asyncio
 import itertools
 import random
+import time
+from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from bot import core
 from bot.core import EMPTY_TEXT, HELP_TEXT, REFUSAL_TEXT, RESET_REFUSAL, RESET_TEXT, Bot
 from bot.events import (
     ChannelRef,
     Command,
+    DeliveryError,
     IncomingMessage,
     Outcome,
     message_from_dict,
@@ -18,8 +24,8 @@ from bot.events import (
 )
 from bot.generation import GenerationRequest
 from bot.sanitize import clean_text
-from storage.repository import ClaimResult, EventStatus
-from tests.support import RecordingReply, ScriptedGenerator, SteppingClock, bot_stack
+from storage.repository import Claim, ClaimResult, EventStatus, FinalKind, StoredEvent
+from tests.support import RecordingReply, ScriptedGenerator, bot_stack, default_reply
 
 CHANNEL = ChannelRef("slack", "C1", "1700000000.000100")
 _ids = itertools.count()
@@ -44,42 +50,59 @@ async def ask(bot, message: IncomingMessage) -> tuple[Outcome, RecordingReply]: 
 
 
 async def test_answer_is_streamed_and_persisted(tmp_path: Path) -> None:
-    gen = ScriptedGenerator(lambda r: "alpha beta gamma delta")
-    # One clock step per piece and an interval of one step: every piece is passed on.
-    async with bot_stack(tmp_path, gen, clock=SteppingClock(0.25), stream_interval=0.25) as stack:
+    gen = ScriptedGenerator(lambda r: "alpha beta gamma delta", token_delay=0.05)
+    async with bot_stack(tmp_path, gen, stream_interval=0.0) as stack:
         outcome, reply = await ask(stack.bot, msg("hello"))
         turns = await stack.storage.recent_turns(CHANNEL, 10)
     assert outcome is Outcome.ANSWERED
-    assert reply.calls == [
-        ("begin", ""),
-        ("update", "alpha"),
-        ("update", "alpha beta"),
-        ("update", "alpha beta gamma"),
-        ("update", "alpha beta gamma delta"),
-        ("finish", "alpha beta gamma delta"),
-    ]
+    assert reply.calls[0] == ("begin", "") and reply.final == ("finish", "alpha beta gamma delta")
+    # Each edit carries the whole text so far, growing.
+    assert reply.updates and all("alpha beta gamma delta".startswith(u) for u in reply.updates)
+    assert reply.updates == sorted(set(reply.updates), key=len)
     assert [(t.user, t.assistant) for t in turns] == [("hello", "alpha beta gamma delta")]
 
 
-async def test_updates_are_throttled(tmp_path: Path) -> None:
-    gen = ScriptedGenerator(lambda r: "w " * 40)
-    clock = SteppingClock(0.25)
-    # 41 pieces ("w", " w" 39 times, the trailing " ") a quarter second apart, at most one update a
-    # second: the 4th, 8th, ..., 40th piece.
-    async with bot_stack(tmp_path, gen, clock=clock, stream_interval=1.0) as stack:
-        _, reply = await ask(stack.bot, msg("hello"))
-    assert clock.readings == 1 + 41  # the stream's start, then each piece
-    assert reply.updates == [" ".join(["w"] * pieces) for pieces in range(4, 41, 4)]
-    assert reply.final == ("finish", ("w " * 40).strip())
+class SlowEdits(RecordingReply):
+    """A platform whose edits take ``edit_s``: records when each started and ended."""
+
+    def __init__(self, edit_s: float) -> None:
+        super().__init__()
+        self.edit_s = edit_s
+        self.spans: list[tuple[float, float]] = []
+        self.in_flight = 0
+        self.most_in_flight = 0
+
+    async def update(self, text: str) -> None:
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        started = time.monotonic()
+        await asyncio.sleep(self.edit_s)
+        self.spans.append((started, time.monotonic()))
+        self.in_flight -= 1
+        await super().update(text)
+
+    async def finish(self, text: str) -> None:
+        assert self.in_flight == 0, "the final text raced an edit in flight"
+        await super().finish(text)
 
 
-async def test_updates_come_a_full_interval_apart(tmp_path: Path) -> None:
-    gen = ScriptedGenerator(lambda r: "  one two three four five")
-    # Pieces: "  one", " two", ... at 0.5 s, 1.0 s, ...; an update needs 1.0 s since the last one.
-    async with bot_stack(tmp_path, gen, clock=SteppingClock(0.5), stream_interval=1.0) as stack:
-        _, reply = await ask(stack.bot, msg("hello"))
-    assert reply.updates == ["  one two", "  one two three four"]
-    assert reply.final == ("finish", "one two three four five")
+@pytest.mark.parametrize(("edit_s", "interval"), [(0.15, 0.05), (0.01, 0.1)])
+async def test_edits_never_overlap_and_are_spaced_from_the_previous_end(
+    tmp_path: Path, edit_s: float, interval: float
+) -> None:
+    gen = ScriptedGenerator(lambda r: "w " * 60, token_delay=0.01)  # about 0.6 s of tokens
+    async with bot_stack(tmp_path, gen, stream_interval=interval) as stack:
+        reply = SlowEdits(edit_s)
+        started = time.monotonic()
+        assert await stack.bot.handle(msg("hello"), reply) is Outcome.ANSWERED
+        took = time.monotonic() - started
+    assert reply.most_in_flight == 1
+    gaps = [later[0] - earlier[1] for earlier, later in itertools.pairwise(reply.spans)]
+    assert all(gap >= interval - 0.005 for gap in gaps), gaps
+    # A slow platform gets fewer edits, never a queue of them: at most one per edit + interval.
+    assert 1 <= len(reply.updates) <= took / (edit_s + interval) + 1
+    assert all(len(a) < len(b) for a, b in itertools.pairwise(reply.updates))
+    assert reply.final == ("finish", ("w " * 60).strip())
 
 
 async def test_conversation_continues_and_is_per_thread(tmp_path: Path) -> None:
@@ -117,40 +140,195 @@ async def test_duplicate_event_is_never_answered_twice(tmp_path: Path) -> None:
         assert len(await stack.storage.recent_turns(CHANNEL, 10)) == 1
 
 
+async def _crashed_with(tmp_path: Path, message: IncomingMessage, **state: Any) -> None:
+    """Leave ``message`` recorded as a killed earlier run of this replica would have."""
+    async with bot_stack(tmp_path) as stack:
+        claim = await stack.storage.record_event(
+            "slack", message.event_id, str(message.channel), message_to_dict(message)
+        )
+        assert claim.event is not None
+        if "handle" in state:
+            await stack.storage.save_reply_handle(claim.event, state["handle"])
+            await stack.storage.set_status(claim.event, EventStatus.GENERATING)
+        if "final" in state:
+            await stack.storage.save_final(claim.event, state["final"], FinalKind.TEXT)
+
+
+class FakeAdapter:
+    """An adapter as the core sees it: rebuilds replies from stored handles, resolves names."""
+
+    platform = "slack"
+
+    def __init__(self, resolve_delay: Callable[[IncomingMessage], float] | None = None) -> None:
+        self.replies: list[RecordingReply] = []
+        self.handles: list[dict[str, Any] | None] = []
+        self._delay = resolve_delay
+
+    async def start(self, core: object) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    async def resolve(self, message: IncomingMessage) -> IncomingMessage:
+        if self._delay is not None:
+            await asyncio.sleep(self._delay(message))
+        return replace(message, author_name=f"resolved {message.author_id}")
+
+    def reply_for(self, message: IncomingMessage, handle: dict[str, Any] | None) -> RecordingReply:
+        self.handles.append(handle)
+        self.replies.append(RecordingReply(f"recovered {message.event_id}", resumed=handle))
+        return self.replies[-1]
+
+
 async def test_unanswered_event_is_answered_on_redelivery_after_crash(tmp_path: Path) -> None:
     message = msg("lost in a crash")
-    async with bot_stack(tmp_path) as stack:
-        # A crashed process recorded the event and never answered.
-        from bot.events import message_to_dict
-
-        await stack.storage.claim_event("slack", message.event_id, message_to_dict(message))
+    await _crashed_with(tmp_path, message)
     async with bot_stack(tmp_path) as stack:
         outcome, reply = await ask(stack.bot, message)
     assert outcome is Outcome.ANSWERED
     assert reply.final == ("finish", "Answer 1 to: lost in a crash")
 
 
-async def test_recover_answers_unanswered_events_at_start(tmp_path: Path) -> None:
-    from bot.events import message_to_dict
-
-    message = msg("answer me after restart")
+async def test_a_redelivery_of_a_started_answer_finishes_it_in_the_same_message(tmp_path: Path) -> None:
+    message = msg("half written when killed")
+    await _crashed_with(tmp_path, message, handle={"reply": "the placeholder"})
     async with bot_stack(tmp_path) as stack:
-        await stack.storage.claim_event("slack", message.event_id, message_to_dict(message))
-    replies: list[RecordingReply] = []
+        adapter = FakeAdapter()
+        stack.bot.attach(adapter)
+        fresh = RecordingReply("fresh")
+        assert await stack.bot.handle(message, fresh) is Outcome.ANSWERED
+    assert fresh.calls == []  # nothing new posted
+    assert adapter.handles == [{"reply": "the placeholder"}]
+    assert adapter.replies[0].final == ("finish", "Answer 1 to: half written when killed")
 
-    class Adapter:
-        platform = "slack"
 
-        def reply_for(self, recovered: IncomingMessage) -> RecordingReply:
-            assert recovered == message
-            replies.append(RecordingReply())
-            return replies[-1]
-
+async def test_start_resumes_every_unfinished_state_in_the_stored_message(tmp_path: Path) -> None:
+    received, generating, answered = msg("not started"), msg("half"), msg("done, not shown")
+    other = ChannelRef("slack", "C9")
+    await _crashed_with(tmp_path, received)
+    await _crashed_with(tmp_path, replace(generating, channel=other), handle={"reply": "partial"})
+    await _crashed_with(tmp_path, replace(answered, channel=ChannelRef("slack", "C8")), final="stored answer")
     async with bot_stack(tmp_path) as stack:
-        assert await stack.bot.recover({"slack": Adapter()}) == 1  # type: ignore[dict-item]
-        await asyncio.wait_for(replies[0].done.wait(), 5)
-        assert await stack.bot.recover({"slack": Adapter()}) == 0  # type: ignore[dict-item]
-    assert replies[0].final == ("finish", "Answer 1 to: answer me after restart")
+        adapter = FakeAdapter()
+        stack.bot.attach(adapter)
+        assert await stack.bot.start() == 3
+        await asyncio.wait_for(asyncio.gather(*(r.done.wait() for r in adapter.replies)), 5)
+        assert await stack.bot.recover() == 0
+        finals = {r.name: r.final for r in adapter.replies}
+        assert (
+            stack.generator.requests and len(stack.generator.requests) == 2
+        )  # the answered one is not redone
+        states = [
+            await stack.storage.event_state("slack", m.event_id) for m in (received, generating, answered)
+        ]
+    assert finals == {
+        f"recovered {received.event_id}": ("finish", "Answer 1 to: not started"),
+        f"recovered {generating.event_id}": ("finish", "Answer 1 to: half"),
+        f"recovered {answered.event_id}": ("finish", "stored answer"),
+    }
+    assert adapter.handles.count({"reply": "partial"}) == 1
+    assert all(state is not None and state.status is EventStatus.DELIVERED for state in states)
+
+
+async def test_names_are_resolved_after_recording_and_cannot_reorder(tmp_path: Path) -> None:
+    # The first sender's look-up is the slowest: arrival order must still win.
+    delays = {f"U{i}": 0.05 * (5 - i) for i in range(5)}
+    async with bot_stack(tmp_path) as stack:
+        stack.bot.attach(FakeAdapter(lambda m: delays[m.author_id]))
+        replies = [RecordingReply(str(i)) for i in range(5)]
+        for i, reply in enumerate(replies):
+            assert await stack.bot.submit(msg(f"m{i}", author_id=f"U{i}"), reply) is Outcome.ACCEPTED
+        await asyncio.wait_for(asyncio.gather(*(r.done.wait() for r in replies)), 10)
+        turns = await stack.storage.recent_turns(CHANNEL, 10)
+        requests = stack.generator.requests
+    assert [t.user for t in turns] == [f"m{i}" for i in range(5)]
+    assert [len(r.history) for r in requests] == list(range(5))
+
+
+async def test_messages_queued_behind_a_running_answer_survive_a_shutdown(tmp_path: Path) -> None:
+    gen = ScriptedGenerator(lambda r: "w " * 300 if r.query == "long" else default_reply(r), token_delay=0.01)
+    queued = [msg("long"), msg("b"), msg("c"), msg("d")]
+    async with bot_stack(tmp_path, gen, shutdown_grace_s=0.05) as stack:
+        for message in queued:
+            await stack.bot.submit(message, RecordingReply(message.text))
+        await asyncio.to_thread(gen.started.wait, 5)
+        await stack.bot.drain(0.05)  # SIGTERM with a short grace: everything is left resumable
+        states = [await stack.storage.event_state("slack", m.event_id) for m in queued]
+        assert [s.status for s in states if s is not None] == [
+            EventStatus.GENERATING,
+            EventStatus.RECEIVED,
+            EventStatus.RECEIVED,
+            EventStatus.RECEIVED,
+        ]
+    gen.reply = default_reply
+    gen.token_delay = 0.0
+    async with bot_stack(tmp_path, gen) as stack:
+        adapter = FakeAdapter()
+        stack.bot.attach(adapter)
+        assert await stack.bot.start() == 4
+        await asyncio.wait_for(asyncio.gather(*(r.done.wait() for r in adapter.replies)), 10)
+        turns = await stack.storage.recent_turns(CHANNEL, 10)
+    assert [t.user for t in turns] == ["long", "b", "c", "d"]
+    assert adapter.handles[0] == {"reply": "long"}  # the long answer goes on in its own message
+    assert [r.final for r in adapter.replies][1:] == [
+        ("finish", f"Answer {i} to: {text}") for i, text in ((2, "b"), (3, "c"), (4, "d"))
+    ]
+
+
+async def test_shutdown_lets_an_answer_within_the_grace_finish(tmp_path: Path) -> None:
+    gen = ScriptedGenerator(lambda r: "w " * 20, token_delay=0.01)
+    async with bot_stack(tmp_path, gen) as stack:
+        reply = RecordingReply()
+        await stack.bot.submit(msg("hello"), reply)
+        await asyncio.to_thread(gen.started.wait, 5)
+        await stack.bot.drain(5.0)
+        assert reply.final == ("finish", ("w " * 20).strip())
+        assert not stack.bot.accepting
+        late = RecordingReply("late")
+        assert await stack.bot.submit(msg("too late"), late) is Outcome.DEFERRED
+        assert late.calls == []
+
+
+class FlakyFinish(RecordingReply):
+    def __init__(self, failures: list[DeliveryError]) -> None:
+        super().__init__()
+        self.failures = failures
+
+    async def finish(self, text: str) -> None:
+        if self.failures:
+            self.calls.append(("refused", text))
+            raise self.failures.pop(0)
+        await super().finish(text)
+
+
+async def test_a_transiently_refused_final_text_is_retried_until_delivered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(core, "DELIVERY_FIRST_RETRY_S", 0.01)
+    async with bot_stack(tmp_path) as stack:
+        message = msg("hello")
+        reply = FlakyFinish(
+            [
+                DeliveryError("HTTP 503", transient=True),
+                DeliveryError("429", transient=True, retry_after=0.02),
+            ]
+        )
+        assert await stack.bot.handle(message, reply) is Outcome.ANSWERED
+        state = await stack.storage.event_state("slack", message.event_id)
+    assert [kind for kind, _ in reply.calls] == ["begin", "refused", "refused", "finish"]
+    assert reply.final == ("finish", "Answer 1 to: hello")
+    assert state is not None and (state.status, state.attempts) == (EventStatus.DELIVERED, 2)
+
+
+async def test_a_permanently_refused_final_text_gets_one_honest_note(tmp_path: Path) -> None:
+    async with bot_stack(tmp_path) as stack:
+        message = msg("hello")
+        reply = FlakyFinish([DeliveryError("error: msg_too_long", transient=False)])
+        await stack.bot.handle(message, reply)
+        state = await stack.storage.event_state("slack", message.event_id)
+    assert reply.final == ("fail", "I could not show this answer (error: msg_too_long).")
+    assert state is not None and state.status is EventStatus.FAILED
 
 
 async def test_commands(tmp_path: Path) -> None:
@@ -262,15 +440,29 @@ class ResetRecorder:
 
     def __init__(self) -> None:
         self.cleared: list[ChannelRef] = []
+        self._ids = itertools.count(1)
+
+    async def record_event(self, platform: str, event_id: str, conversation: str, payload: Any) -> Claim:
+        event = StoredEvent(
+            next(self._ids), platform, event_id, conversation, EventStatus.RECEIVED, "me", payload,
+            None, None, None, 0, datetime.now(UTC),
+        )  # fmt: skip
+        return Claim(ClaimResult.NEW, event)
+
+    async def first_unanswered_before(self, event: StoredEvent) -> None:
+        return None
 
     async def has_history(self, channel: ChannelRef) -> bool:
         return True
 
-    async def claim_event(self, platform: str, event_id: str, payload: object) -> ClaimResult:
-        return ClaimResult.NEW
+    async def set_status(self, event: StoredEvent, status: EventStatus, **_: object) -> bool:
+        return True
 
-    async def mark_event(self, platform: str, event_id: str, status: EventStatus) -> None:
-        pass
+    async def save_final(self, event: StoredEvent, text: str, kind: FinalKind) -> bool:
+        return True
+
+    async def save_reply_handle(self, event: StoredEvent, handle: object) -> bool:
+        return True
 
     async def recent_turns(self, channel: ChannelRef, limit: int) -> list[object]:
         return []
@@ -278,7 +470,7 @@ class ResetRecorder:
     async def append_turn(self, channel: ChannelRef, **turn: object) -> None:
         pass
 
-    async def clear(self, channel: ChannelRef) -> int:
+    async def clear(self, channel: ChannelRef, **event: object) -> int:
         self.cleared.append(channel)
         return 0
 
@@ -347,7 +539,6 @@ async def test_access_control_refuses_and_stores_nothing(tmp_path: Path) -> None
         outcome, reply = await ask(stack.bot, msg("let me in"))
         assert (outcome, reply.final) == (Outcome.REFUSED, ("finish", REFUSAL_TEXT))
         assert await stack.storage.recent_turns(CHANNEL, 10) == []
-        assert await stack.storage.unanswered_events(datetime(2000, 1, 1, tzinfo=UTC)) == []
         outcome, _ = await ask(stack.bot, msg("ok", author_id="U9"))
         assert outcome is Outcome.ANSWERED
     async with bot_stack(tmp_path, slack_allowed_channels="C2", access_denied_mode="silent") as stack:
