@@ -194,9 +194,19 @@ class DiscordAdapter:
         intents.guild_messages = True
         intents.dm_messages = True
         intents.message_content = self._settings.discord_message_content
-        client = discord.Client(
-            intents=intents, allowed_mentions=NO_MENTIONS, guild_ready_timeout=self._guild_ready_timeout
-        )
+        options: dict[str, Any] = {
+            "intents": intents,
+            "allowed_mentions": NO_MENTIONS,
+            "guild_ready_timeout": self._guild_ready_timeout,
+        }
+        shards = self._settings.shard_spec()
+        client: discord.Client
+        if shards is None:
+            client = discord.Client(**options)
+        elif len(shards[0]) == 1:  # one gateway session: this replica's share of the servers
+            client = discord.Client(shard_id=shards[0][0], shard_count=shards[1], **options)
+        else:
+            client = discord.AutoShardedClient(shard_ids=list(shards[0]), shard_count=shards[1], **options)
         build_tree(client, self)
 
         async def on_message(message: discord.Message) -> None:

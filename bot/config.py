@@ -113,6 +113,10 @@ class Settings(BaseSettings):
     )
     discord_message_content: bool = False
     discord_admin_ids: IdList = frozenset()
+    discord_shards: str = Field(
+        "",
+        description="this replica's gateway shards as IDS/COUNT (e.g. 0/2, or 0,1/4); empty = one session",
+    )
 
     @field_validator(
         "slack_allowed_users",
@@ -127,6 +131,17 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return frozenset(part.strip() for part in value.split(",") if part.strip())
         return value
+
+    @field_validator("discord_shards")
+    @classmethod
+    def _check_shards(cls, value: str) -> str:
+        if value.strip():
+            parse_shards(value)
+        return value.strip()
+
+    def shard_spec(self) -> tuple[tuple[int, ...], int] | None:
+        """(shard ids, shard count) from BOT_DISCORD_SHARDS, or None for one unsharded session."""
+        return parse_shards(self.discord_shards) if self.discord_shards else None
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -183,6 +198,22 @@ def secret_values(settings: Settings) -> list[str]:
 
 
 # Read where they are used, before any Settings exist (the native kernel's build wait).
+def parse_shards(value: str) -> tuple[tuple[int, ...], int]:
+    """``"0,1/4"`` -> ((0, 1), 4): the Discord gateway shards one replica runs, out of all of them."""
+    ids_text, slash, count_text = value.strip().partition("/")
+    try:
+        count = int(count_text)
+        ids = tuple(sorted({int(part) for part in ids_text.split(",") if part.strip()}))
+    except ValueError:
+        ids, count = (), 0
+    if not slash or count < 1 or not ids or any(not 0 <= shard < count for shard in ids):
+        raise ValueError(
+            "BOT_DISCORD_SHARDS must be IDS/COUNT with every id below COUNT "
+            f"(e.g. 0/2 or 0,1/4), not {value!r}"
+        )
+    return ids, count
+
+
 OTHER_ENV_NAMES = frozenset({"BOT_KERNEL_BUILD_WAIT_S"})
 
 
