@@ -35,15 +35,7 @@ from bot.events import (
 from bot.generation import GenerationParams, GenerationRequest, Turn
 from bot.sanitize import clean_text
 from bot.service import ModelService, ServiceError
-from storage.repository import (
-    NOT_ANSWERED,
-    ClaimResult,
-    EventStatus,
-    FinalKind,
-    LostClaim,
-    Storage,
-    StoredEvent,
-)
+from bot.store import NOT_ANSWERED, ClaimResult, EventStatus, FinalKind, LostClaim, Store, StoredEvent
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +158,7 @@ class Bot:
     def __init__(
         self,
         settings: Settings,
-        storage: Storage,
+        storage: Store,
         service: ModelService,
         clock: Callable[[], float] = time.monotonic,  # paces streamed edits; tests pass a fake
     ) -> None:

@@ -1,14 +1,13 @@
-"""The storage API the core uses: event dedupe and recovery, conversation history. All SQL lives here."""
+"""The storage the core uses (``bot.store.Store``) on SQLAlchemy: event recording, leases and the
+delivery states, conversation history. All SQL lives here."""
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import functools
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
@@ -23,71 +22,33 @@ from sqlalchemy.orm import aliased
 
 from bot.config import ConfigError
 from bot.events import ChannelRef
+from bot.store import (
+    NOT_ANSWERED,
+    UNFINISHED,
+    Claim,
+    ClaimResult,
+    EventStatus,
+    FinalKind,
+    LostClaim,
+    StoredEvent,
+    StoredTurn,
+)
 from storage.db import SQLITE_IMMEDIATE, create_engine, normalize_url
 from storage.migrate import upgrade_to_head
 from storage.models import Conversation, Message, ProcessedEvent, utcnow
 
-
-class ClaimResult(enum.StrEnum):
-    NEW = "new"
-    DUPLICATE = "duplicate"
-    TAKEOVER = "takeover"  # recorded by a replica that died before finishing it; now it is ours
-
-
-class EventStatus(enum.StrEnum):
-    RECEIVED = "received"  # recorded; not started
-    GENERATING = "generating"  # its conversation's turn came; the answer is being written
-    ANSWERED = "answered"  # the turn and the final text (the outbox) are stored; not yet shown
-    DELIVERED = "delivered"  # the platform confirmed the final text
-    SKIPPED = "skipped"  # nothing to answer (a follow-up without history, a deleted question)
-    FAILED = "failed"  # the platform refused the final text for good
-
-
-class FinalKind(enum.StrEnum):
-    TEXT = "text"  # shown as the answer
-    ERROR = "error"  # shown as a failure note
-
-
-class LostClaim(Exception):
-    """Another replica took the event over (this one was presumed dead): stop working on it."""
-
-
-UNFINISHED = (EventStatus.RECEIVED, EventStatus.GENERATING, EventStatus.ANSWERED)
-NOT_ANSWERED = (EventStatus.RECEIVED, EventStatus.GENERATING)
-
-
-@dataclass(frozen=True, slots=True)
-class StoredEvent:
-    """One processed_events row, as the core resumes it."""
-
-    id: int  # the arrival sequence: a conversation is answered in this order
-    platform: str
-    event_id: str
-    conversation: str
-    status: EventStatus
-    owner: str
-    payload: dict[str, Any]
-    reply_handle: dict[str, Any] | None
-    final_text: str | None
-    final_kind: str | None
-    attempts: int
-    received_at: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class Claim:
-    result: ClaimResult
-    event: StoredEvent | None  # None for a duplicate
-
-
-@dataclass(frozen=True, slots=True)
-class StoredTurn:
-    user: str
-    assistant: str
-    user_tokens: int
-    assistant_tokens: int
-    created_at: datetime
-
+__all__ = [  # the value types live in bot.store; importing them from here works too
+    "NOT_ANSWERED",
+    "UNFINISHED",
+    "Claim",
+    "ClaimResult",
+    "EventStatus",
+    "FinalKind",
+    "LostClaim",
+    "Storage",
+    "StoredEvent",
+    "StoredTurn",
+]
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
