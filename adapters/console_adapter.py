@@ -73,11 +73,8 @@ class ConsoleAdapter:
         user: str | None = None,
         stdin: TextIO | None = None,
         stdout: TextIO | None = None,
-        remembered: int = 0,
     ) -> None:
-        """``remembered``: how many turns the session already has, for the banner."""
         self._stdin = stdin or sys.stdin
-        self._remembered = remembered
         # A terminal gets line editing and history (readline through input()); a pipe is read as is.
         self._interactive = self._stdin is sys.stdin and sys.stdin.isatty()
         self._out = stdout or sys.stdout
@@ -101,7 +98,8 @@ class ConsoleAdapter:
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signal.SIGINT, self._interrupt)
-        turns = f"{self._remembered} remembered turn{'s' if self._remembered != 1 else ''}"
+        remembered = await core.remembered_turns(self._channel)
+        turns = f"{remembered} remembered turn{'s' if remembered != 1 else ''}"
         self._out.write(
             f"Chatting with ChatGLM2 in session '{self._channel.channel_id}' ({turns}). "
             "Type 'help', 'reset' or 'quit'.\n"

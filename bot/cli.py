@@ -113,22 +113,8 @@ def _chat(args: argparse.Namespace) -> int:
     settings = _prepare(quiet=True)
     # A terminal shows text as it comes; the platforms' one-edit-per-second pace would only lag.
     settings = settings.model_copy(update={"stream_interval": min(settings.stream_interval, 0.05)})
-    remembered = asyncio.run(_remembered_turns(settings, args.session))
-    asyncio.run(run(settings, console=ConsoleAdapter(session=args.session, remembered=remembered)))
+    asyncio.run(run(settings, console=ConsoleAdapter(session=args.session)))
     return 0
-
-
-async def _remembered_turns(settings: Settings, session: str) -> int:
-    """How many turns the console session already has, for its banner."""
-    from bot.core import MAX_HISTORY_TURNS
-    from bot.events import ChannelRef
-    from storage.repository import Storage
-
-    storage = await Storage.open(settings.database_url, data_dir=settings.data_dir)
-    try:
-        return len(await storage.recent_turns(ChannelRef("console", session), MAX_HISTORY_TURNS))
-    finally:
-        await storage.close()
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -228,6 +228,9 @@ class Bot:
         work.task.cancel()
         return True
 
+    async def remembered_turns(self, channel: ChannelRef) -> int:
+        return len(await self._storage.recent_turns(channel, MAX_HISTORY_TURNS))
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> int:

@@ -151,6 +151,10 @@ class Core(Protocol):
         """The question was deleted: stop answering it. False if it is not being answered here."""
         ...
 
+    async def remembered_turns(self, channel: ChannelRef) -> int:
+        """How many turns the conversation has (the console's banner)."""
+        ...
+
 
 class PlatformUnreachable(ConnectionError):
     """A platform could not be reached (network, DNS, timeout): retried, unlike rejected credentials."""
