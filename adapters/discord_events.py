@@ -8,7 +8,7 @@ A Discord thread is a channel of its own with a parent; the conversation key kee
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal, TypedDict
 
 import discord
 
@@ -18,6 +18,24 @@ PLATFORM = "discord"
 
 # Message types a person writes; everything else (joins, pins, boosts, ...) is a system message.
 _USER_MESSAGE_TYPES = frozenset({discord.MessageType.default, discord.MessageType.reply})
+
+
+class MessageRaw(TypedDict):
+    """``IncomingMessage.raw`` of a mention or DM: where to reply."""
+
+    kind: Literal["message"]
+    channel_id: str
+    message_id: str
+
+
+class InteractionRaw(TypedDict):
+    """``IncomingMessage.raw`` of a slash command: its webhook (15 minutes), then its channel."""
+
+    kind: Literal["interaction"]
+    application_id: str
+    token: str
+    ephemeral: bool
+    channel_id: str
 
 
 def channel_ref(channel_id: int, channel: object) -> ChannelRef:
@@ -31,6 +49,15 @@ def from_interaction(interaction: discord.Interaction[Any], command: Command, te
     """A slash command: the event id is the interaction id, so a redelivery is a duplicate."""
     assert interaction.channel_id is not None  # slash commands always run in a channel
     user = interaction.user
+    raw: InteractionRaw = {
+        "kind": "interaction",
+        "application_id": str(interaction.application_id),
+        # Valid for 15 minutes; lets a restarted bot still finish the deferred response.
+        "token": interaction.token,
+        "ephemeral": command is Command.HELP,
+        # Where a channel message goes instead once the token has expired.
+        "channel_id": str(interaction.channel_id),
+    }
     return IncomingMessage(
         event_id=str(interaction.id),
         channel=channel_ref(interaction.channel_id, interaction.channel),
@@ -38,15 +65,7 @@ def from_interaction(interaction: discord.Interaction[Any], command: Command, te
         author_name=user.display_name,
         text=text,
         is_direct=interaction.guild_id is None,
-        raw={
-            "kind": "interaction",
-            "application_id": str(interaction.application_id),
-            # Valid for 15 minutes; lets a restarted bot still finish the deferred response.
-            "token": interaction.token,
-            "ephemeral": command is Command.HELP,
-            # Where a channel message goes instead once the token has expired.
-            "channel_id": str(interaction.channel_id),
-        },
+        raw=raw,
         command=command,
     )
 
@@ -74,6 +93,11 @@ def from_message(message: discord.Message, me: discord.ClientUser, *, may_reset:
     """A mention or DM: the core reads a ``reset`` / ``help`` from the text itself, and refuses the
     reset unless ``may_reset``."""
     own_role = message.guild.self_role if message.guild is not None else None
+    raw: MessageRaw = {
+        "kind": "message",
+        "channel_id": str(message.channel.id),
+        "message_id": str(message.id),
+    }
     return IncomingMessage(
         event_id=str(message.id),
         channel=channel_ref(message.channel.id, message.channel),
@@ -81,6 +105,6 @@ def from_message(message: discord.Message, me: discord.ClientUser, *, may_reset:
         author_name=message.author.display_name,
         text=strip_mention(message.content, me.id, own_role.id if own_role else None),
         is_direct=message.guild is None,
-        raw={"kind": "message", "channel_id": str(message.channel.id), "message_id": str(message.id)},
+        raw=raw,
         may_reset=may_reset,
     )

@@ -12,7 +12,7 @@ import html
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypedDict
 
 from bot.events import ChannelRef, Command, IncomingMessage
 
@@ -24,6 +24,16 @@ _USER_MENTION = re.compile(r"<@([UW][A-Z0-9]+)(?:\|([^>]*))?>")
 _CHANNEL_LINK = re.compile(r"<#([CG][A-Z0-9]+)(?:\|([^>]*))?>")
 _SPECIAL = re.compile(r"<!([a-z]+)(?:\^[A-Z0-9]+)?(?:\|([^>]*))?>")
 _LINK = re.compile(r"<((?:https?|mailto):[^|>]+)(?:\|([^>]*))?>")
+
+
+class SlackRaw(TypedDict, total=False):
+    """``IncomingMessage.raw`` for Slack: what answering (again, after a restart) needs."""
+
+    channel: str
+    thread_ts: str | None  # the thread answered in; None at a DM's top level
+    ts: str  # the question's own ts (events), so deleting it cancels the answer
+    ephemeral: bool  # a slash command answered through its response_url (never resumed)
+    source_text: str  # the text with Slack's markup, redone with names once they are looked up
 
 
 def mentioned_users(text: str) -> set[str]:
@@ -114,6 +124,7 @@ def to_message(
         return None
 
     user = str(event["user"])
+    raw: SlackRaw = {"channel": channel, "thread_ts": conversation_ts, "ts": ts, "source_text": text}
     return IncomingMessage(
         event_id=event_id,
         channel=ChannelRef(PLATFORM, channel, conversation_ts),
@@ -122,7 +133,7 @@ def to_message(
         text=clean_text(text, bot_user_id, names),
         is_direct=is_direct,
         received_at=_timestamp(ts),
-        raw={"channel": channel, "thread_ts": conversation_ts, "ts": ts, "source_text": text},
+        raw=raw,
         followup_only=followup_only,
     )
 
@@ -153,6 +164,12 @@ def command_message(
     if not (isinstance(trigger, str) and trigger):
         return None
     names = names or {}
+    raw: SlackRaw = {
+        "channel": channel,
+        "thread_ts": conversation_ts,
+        "ephemeral": command != Command.CHAT,
+        "source_text": text,
+    }
     return IncomingMessage(
         event_id=f"command:{trigger}",
         channel=ChannelRef(PLATFORM, channel, conversation_ts),
@@ -160,12 +177,7 @@ def command_message(
         author_name=names.get(user, user),
         text=clean_text(text, "", names),
         is_direct=channel.startswith("D"),
-        raw={
-            "channel": channel,
-            "thread_ts": conversation_ts,
-            "ephemeral": command != Command.CHAT,
-            "source_text": text,
-        },
+        raw=raw,
         command=command,
     )
 
