@@ -122,6 +122,7 @@ class _EditPacer:
         self._sent = ""
         self._changed = asyncio.Event()
         self._last_end = clock()  # the placeholder was just written
+        self._writing: asyncio.Future[None] | None = None
         self._task = asyncio.create_task(self._run())
 
     def offer(self, text: str) -> None:
@@ -134,6 +135,8 @@ class _EditPacer:
         self._task.cancel()
         with suppress(asyncio.CancelledError):
             await self._task
+        if self._writing is not None:
+            await self._writing
 
     async def _run(self) -> None:
         while True:
@@ -145,13 +148,17 @@ class _EditPacer:
             text = self._latest
             if text == self._sent:
                 continue
-            # Shielded: cancelling the pacer must not cut an edit off half-way.
-            await asyncio.shield(self._write(text))
+            # Shielded: cancelling the pacer must not cut an edit off half-way; close() awaits it.
+            self._writing = asyncio.ensure_future(self._write(text))
+            await asyncio.shield(self._writing)
 
     async def _write(self, text: str) -> None:
-        await self._reply.update(text)
+        try:
+            await self._reply.update(text)
+            await self._on_written()
+        except Exception:  # a missed edit is harmless: the next one, or the final text, shows it all
+            log.warning("a streamed edit failed", exc_info=True)
         self._sent, self._last_end = text, self._clock()
-        await self._on_written()
 
 
 class Bot:
