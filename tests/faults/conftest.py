@@ -9,7 +9,6 @@ BOT_TEST_REQUIRE_POSTGRES=1): a test asks for it with
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from tests.faults.harness import (
     Database,
     DiscordAskTransport,
     DiscordMentionTransport,
+    Rig,
     SlackHttpTransport,
     SlackSocketTransport,
     Transport,
@@ -33,17 +33,6 @@ from tests.storage.conftest import POSTGRES_URL, _scratch_database, postgres_adm
 __all__ = ["postgres_admin_url"]  # the session fixture, shared with tests/storage
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
-
-
-@dataclass
-class Rig:
-    """One scenario's world: a transport on its fake, the bot process, the database."""
-
-    transport: Transport
-    bot: BotProcess
-    db: Database
-    slack: FakeSlack | None
-    discord: FakeDiscord | None
 
 
 MakeRig = Callable[..., Awaitable[Rig]]

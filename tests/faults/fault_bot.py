@@ -51,7 +51,7 @@ def _install() -> None:
         return reply(request.query, len(request.history) + 1, words)
 
     generator = ScriptedGenerator(answer, token_delay=delay)
-    app.model_factory = lambda settings: lambda: generator  # type: ignore[assignment]
+    app.model_factory = lambda settings: lambda: generator
 
 
 def _stub_model_cli() -> None:
@@ -69,7 +69,7 @@ def _stub_model_cli() -> None:
     stub.configure_parser = configure_parser  # type: ignore[attr-defined]
     stub.run = run  # type: ignore[attr-defined]
     sys.modules["bot.model.cli"] = stub
-    bot.model.cli = stub  # type: ignore[attr-defined]
+    bot.model.cli = stub
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -147,18 +147,7 @@ class BotProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.starts += 1
         started = time.monotonic()
-        with self.log_path.open("ab") as log:
-            log.write(f"\n===== start {self.starts} at {time.strftime('%H:%M:%S')} =====\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.faults.fault_bot", "serve"],
-                cwd=self.workdir,  # no .env from the checkout is read
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self.proc = self._spawn()
         self.expected_exit = False
         health: dict[str, Any] | None = None
         deadline = started + timeout_s
@@ -173,7 +162,23 @@ class BotProcess:
                 if health is not None and health.get("status") == "ok":
                     return time.monotonic() - started
                 await asyncio.sleep(0.1)
-        raise AssertionError(f"the bot was not ready within {timeout_s} s (last /healthz: {health})" + self.log_tail())
+        raise AssertionError(
+            f"the bot was not ready within {timeout_s} s (last /healthz: {health})" + self.log_tail()
+        )
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        with self.log_path.open("ab") as log:
+            log.write(f"\n===== start {self.starts} at {time.strftime('%H:%M:%S')} =====\n".encode())
+            log.flush()
+            return subprocess.Popen(
+                [sys.executable, "-m", "tests.faults.fault_bot", "serve"],
+                cwd=self.workdir,  # no .env from the checkout is read
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     async def _health(self, http: aiohttp.ClientSession) -> dict[str, Any] | None:
         try:
@@ -327,7 +332,9 @@ class Transport(ABC):
     def chaos(self, rate: float, seed: int) -> None:
         """Fail ``rate`` of the bot's writes at random with a 5xx or a 429."""
 
-    async def ask(self, conversation: Conversation, text: str | None = None, *, user: str | None = None) -> Question:
+    async def ask(
+        self, conversation: Conversation, text: str | None = None, *, user: str | None = None
+    ) -> Question:
         qid = new_qid()
         question = Question(conversation, qid, f"{qid} {text or ''}".strip(), user or self.default_user())
         conversation.questions.append(question)
@@ -344,7 +351,9 @@ class Transport(ABC):
 
     def streamed(self, question: Question) -> bool:
         """Whether some partial answer text has been shown for it."""
-        return any(text != self.placeholder and not text.endswith(END_MARK) for _, _, text in self.edits(question))
+        return any(
+            text != self.placeholder and not text.endswith(END_MARK) for _, _, text in self.edits(question)
+        )
 
     def is_placeholder(self, text: str) -> bool:
         return text.strip() in ("", self.placeholder)
@@ -371,7 +380,7 @@ class SlackTransport(Transport):
         self.conversations.append(conversation)
         return conversation
 
-    def _event(self, question: Question) -> dict[str, Any]:
+    def event(self, question: Question) -> dict[str, Any]:
         conversation = question.conversation
         ts = new_ts()
         question.slack_ts = ts
@@ -457,7 +466,9 @@ class SlackTransport(Transport):
                 return False
             return not final_only or str(params.get("text", "")).endswith(END_MARK)
 
-        answers = [fake_slack.rate_limited(1) if e == "429" else fake_slack.server_error(int(e)) for e in errors]
+        answers = [
+            fake_slack.rate_limited(1) if e == "429" else fake_slack.server_error(int(e)) for e in errors
+        ]
         return self.fake.add_fault(
             fake_slack.Fault("chat.update", when, delay_s=delay_s, hold=hold, answers=answers)
         )
@@ -466,9 +477,7 @@ class SlackTransport(Transport):
         answers = [fake_slack.server_error(500), fake_slack.server_error(503), fake_slack.rate_limited(1)]
         for method in ("chat.postMessage", "chat.update"):
             self.fake.add_fault(
-                fake_slack.Fault(
-                    method, answers=list(answers), probability=rate, rng=random.Random(seed)
-                )
+                fake_slack.Fault(method, answers=list(answers), probability=rate, rng=random.Random(seed))
             )
 
 
@@ -508,7 +517,7 @@ class SlackHttpTransport(SlackTransport):
             return 0, {}, time.monotonic() - started
 
     async def _send(self, question: Question) -> None:
-        body = self._event(question)
+        body = self.event(question)
         await self.deliver(question, body)
 
     async def deliver(self, question: Question, body: Mapping[str, Any], *, first_retry: int = 0) -> None:
@@ -540,7 +549,7 @@ class SlackSocketTransport(SlackTransport):
         return {**super().env(), "SLACK_APP_TOKEN": APP_TOKEN}
 
     async def _send(self, question: Question) -> None:
-        body = self._event(question)
+        body = self.event(question)
         deadline = time.monotonic() + SEND_TIMEOUT_S
         attempt = 0
         while True:
@@ -632,7 +641,8 @@ class DiscordTransport(Transport):
             return not final_only or (content_of(call) or "").endswith(END_MARK)
 
         answers = [
-            fake_discord.rate_limited(1.0) if e == "429" else fake_discord.server_error(int(e)) for e in errors
+            fake_discord.rate_limited(1.0) if e == "429" else fake_discord.server_error(int(e))
+            for e in errors
         ]
         return self.fake.add_fault(fake_discord.Fault(when, delay_s=delay_s, hold=hold, answers=answers))
 
@@ -651,8 +661,14 @@ class DiscordTransport(Transport):
                 call.path.startswith("/channels/") or call.path.startswith("/webhooks/")
             )
 
-        answers = [fake_discord.server_error(500), fake_discord.server_error(502), fake_discord.rate_limited(0.5)]
-        self.fake.add_fault(fake_discord.Fault(writes, answers=answers, probability=rate, rng=random.Random(seed)))
+        answers = [
+            fake_discord.server_error(500),
+            fake_discord.server_error(502),
+            fake_discord.rate_limited(0.5),
+        ]
+        self.fake.add_fault(
+            fake_discord.Fault(writes, answers=answers, probability=rate, rng=random.Random(seed))
+        )
 
 
 class DiscordMentionTransport(DiscordTransport):
@@ -759,7 +775,9 @@ class Database:
 
     async def storage(self) -> Storage:
         if self._storage is None:
-            self._storage = await Storage.open(self.url, instance_id="fault-test-reader", data_dir=self.data_dir)
+            self._storage = await Storage.open(
+                self.url, instance_id="fault-test-reader", data_dir=self.data_dir
+            )
         return self._storage
 
     async def turns(self, channel: ChannelRef) -> list[StoredTurn]:
@@ -779,6 +797,39 @@ class Database:
         if self._storage is not None:
             await self._storage.close()
             self._storage = None
+
+
+# --- a scenario's world ---------------------------------------------------------------------------
+
+
+@dataclass
+class Rig:
+    """One scenario's world: a transport on its fake, the bot process, the database."""
+
+    transport: Transport
+    bot: BotProcess
+    db: Database
+    slack: FakeSlack | None
+    discord: FakeDiscord | None
+
+
+async def wait_streamed(rig: Rig, question: Question, timeout_s: float = 15.0) -> None:
+    """Wait (bounded; asserted) until some partial answer text is shown for ``question``."""
+    streamed = await wait_until(lambda: rig.transport.streamed(question), timeout_s, abort=rig.bot.died)
+    assert streamed, (
+        f"no partial answer was shown for {question.qid} within {timeout_s} s" + rig.bot.log_tail()
+    )
+
+
+async def wait_recorded(rig: Rig, questions: Sequence[Question], timeout_s: float = 5.0) -> bool:
+    """Whether the bot recorded these events in the database within ``timeout_s`` (not asserted:
+    a fair moment to kill it)."""
+
+    async def recorded() -> bool:
+        statuses = await rig.db.event_statuses()
+        return all(q.event_id in statuses for q in questions)
+
+    return await wait_until(recorded, timeout_s, interval_s=0.1)
 
 
 # --- the checks -------------------------------------------------------------------------------------
@@ -839,8 +890,8 @@ async def check(
             elif shown[0] != transport.shown(stored[0].assistant):
                 report.wrong_text += 1
                 report.problems.append(
-                    f"{question.qid} ({transport.name}): the message shows {shown[0]!r}, the stored answer is "
-                    f"{stored[0].assistant!r}"
+                    f"{question.qid} ({transport.name}): the message shows {shown[0]!r}, "
+                    f"the stored answer is {stored[0].assistant!r}"
                 )
             else:
                 report.answered_once += 1
@@ -864,7 +915,9 @@ async def check(
             )
         notes = [m for m in everything if "may be missing" in m or m.startswith((":warning:", "⚠️"))]
         if notes:
-            report.problems.append(f"conversation {conversation.channel} ({transport.name}): notes shown: {notes!r}")
+            report.problems.append(
+                f"conversation {conversation.channel} ({transport.name}): notes shown: {notes!r}"
+            )
         if not extra_messages_ok and len(everything) - len(placeholders) > len(conversation.questions):
             report.problems.append(
                 f"conversation {conversation.channel} ({transport.name}): {len(everything)} bot messages for "
@@ -873,7 +926,9 @@ async def check(
     return report
 
 
-async def settled(transport: Transport, database: Database, conversations: Iterable[Conversation] | None = None) -> bool:
+async def settled(
+    transport: Transport, database: Database, conversations: Iterable[Conversation] | None = None
+) -> bool:
     """Whether every question shows its stored answer and nothing shows a placeholder."""
     for conversation in conversations if conversations is not None else transport.conversations:
         if not conversation.questions:
