@@ -913,7 +913,7 @@ async def check(
                 f"conversation {conversation.channel} ({transport.name}): {len(placeholders)} placeholder(s) "
                 "left showing"
             )
-        notes = [m for m in everything if "may be missing" in m or m.startswith((":warning:", "⚠️"))]
+        notes = [m for m in everything if any(mark in m for mark in ("may be missing", ":warning:", "⚠️"))]
         if notes:
             report.problems.append(
                 f"conversation {conversation.channel} ({transport.name}): notes shown: {notes!r}"
