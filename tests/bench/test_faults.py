@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 def test_fault_bench_reports_consistent_counts(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["--messages", "12", "--conversations", "3", "--restarts", "2", "--seed", "7"]
-    assert faults.main([*argv, "--settle-timeout", "30", "--json"]) == 0
+    assert faults.main([*argv, "--settle-timeout", "15", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert list(report) == list(faults.KEYS)
     assert report["questions"] == 12

@@ -58,7 +58,7 @@ async def test_edits_slower_than_the_stream_interval_are_bounded_and_never_overl
     rig.transport.edit_fault(conversation, final_only=False, delay_s=3 * interval)
     question = await rig.transport.ask(conversation)
 
-    await wait_settled(rig.transport, rig.db, rig.bot, timeout_s=40)
+    await wait_settled(rig.transport, rig.db, rig.bot, timeout_s=20)
     report = await check(rig.transport, rig.db)
     edits = rig.transport.edits(question)
     began = rig.transport.first_write_at(question)

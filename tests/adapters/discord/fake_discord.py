@@ -565,6 +565,7 @@ class FakeDiscord:
                 if status == 429:
                     retry_after = str(body.get("retry_after", 1))
                     headers |= {
+                        "Via": "1.1 google",  # discord.py takes a 429 without it for a Cloudflare ban
                         "Retry-After": retry_after,
                         "X-RateLimit-Scope": "user",
                         "X-RateLimit-Bucket": "fake",
