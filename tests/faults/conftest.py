@@ -3,7 +3,8 @@ platforms in this process, and ``make_rig``, which starts a real bot process in 
 
 PostgreSQL works as in tests/storage (BOT_TEST_POSTGRES_URL; skipped when unreachable unless
 BOT_TEST_REQUIRE_POSTGRES=1): a test asks for it with
-``@pytest.mark.parametrize("backend", BACKENDS, indirect=True)``; without that it runs on SQLite.
+``@pytest.mark.parametrize("backend", BACKENDS, indirect=True)``, or per transport with ``on(...)``;
+without that it runs on SQLite.
 """
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ from tests.storage.conftest import POSTGRES_URL, _scratch_database, postgres_adm
 __all__ = ["postgres_admin_url"]  # the session fixture, shared with tests/storage
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+def on(transport: str, backend: str = "sqlite") -> Any:
+    """One case of ``parametrize(("transport", "backend"), [...], indirect=["backend"])``."""
+    marks = [pytest.mark.postgres] if backend == "postgres" else []
+    return pytest.param(transport, backend, id=f"{transport}-{backend}", marks=marks)
 
 
 MakeRig = Callable[..., Awaitable[Rig]]

@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.faults.conftest import BACKENDS, MakeRig
+from tests.faults.conftest import MakeRig
 from tests.faults.harness import wait_streamed, wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 
-@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
-async def test_an_ask_recovered_after_its_token_expired_is_answered_in_the_channel(
-    make_rig: MakeRig, backend: str
-) -> None:
+async def test_an_ask_recovered_after_its_token_expired_is_answered_in_the_channel(make_rig: MakeRig) -> None:
     # The interaction's id says it was created 20 minutes ago: its token is dead by recovery time.
     rig = await make_rig("discord_ask", ask_age_s=20 * 60, FAULT_WORDS="40")
     discord = rig.discord

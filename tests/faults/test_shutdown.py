@@ -33,7 +33,7 @@ async def test_sigterm_with_a_short_grace_leaves_the_answer_to_the_next_process(
     make_rig: MakeRig, transport: str
 ) -> None:
     grace = 1.0
-    rig = await make_rig(transport, BOT_SHUTDOWN_GRACE_S=f"{grace:g}", FAULT_WORDS="100")  # ~5 s
+    rig = await make_rig(transport, BOT_SHUTDOWN_GRACE_S=f"{grace:g}", FAULT_WORDS="70")  # ~3.5 s
     conversation = rig.transport.new_conversation()
     question = await rig.transport.ask(conversation)
     await wait_streamed(rig, question)
@@ -52,7 +52,7 @@ async def test_sigterm_with_a_short_grace_leaves_the_answer_to_the_next_process(
     await wait_settled(rig.transport, rig.db, rig.bot)
     report = await check(rig.transport, rig.db)
     report.problems[:0] = problems
-    assert report.ok, failure(report, rig.bot, "SIGTERM with a 1 s grace during a 5 s answer")
+    assert report.ok, failure(report, rig.bot, "SIGTERM with a 1 s grace during a 3.5 s answer")
 
 
 @pytest.mark.parametrize("transport", ["slack_http", "discord_mention"])
