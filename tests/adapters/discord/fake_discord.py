@@ -4,6 +4,10 @@ The real discord.py client talks to it through ``DISCORD_API_URL`` / ``DISCORD_G
 It keeps what a test needs to assert on: every REST call with its JSON body, the current text
 of every message the bot posted (channel messages and interaction responses), gateway
 identifies, resumes and heartbeats. Tests wait on conditions (``wait_for``), never on sleeps.
+
+``faults`` (see ``Fault``) inject slow, held, failing or rate-limited answers for chosen REST
+calls; the fake counts how many edits are in flight per message at once. A restarted bot can
+connect again: a new gateway connection identifies afresh (a new session, as on Discord).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -58,6 +63,9 @@ class Call:
     path: str  # below the API base, e.g. "/channels/1/messages"
     body: dict[str, Any] | list[Any] | None  # JSON: an object, or a list for bulk command registration
     query: dict[str, str]
+    at: float = field(default_factory=time.monotonic)
+    ended: float | None = None  # when the fake answered it
+    status: int = 0  # what the fake answered
 
     @property
     def carries_content(self) -> bool:
@@ -66,6 +74,55 @@ class Call:
             return False
         data = self.body.get("data", self.body) if "/callback" in self.path else self.body
         return isinstance(data, dict) and "content" in data
+
+
+Answer = tuple[int, dict[str, Any]]  # (status, JSON body)
+
+
+@dataclass
+class Fault:
+    """A fault for the REST calls ``when`` accepts (e.g. ``lambda call: call.method == "PATCH"``).
+
+    In order: wait ``delay_s``; if ``hold`` is given, wait until it is set (at most ``hold_s``) and
+    answer 503 without doing anything; else answer the next of ``answers`` (the call is not carried
+    out), or, with ``probability`` < 1, fail only that share of calls with a random one of
+    ``answers`` (kept). ``times`` limits how many matching calls it applies to; ``seen`` counts them."""
+
+    when: Callable[[Call], bool]
+    delay_s: float = 0.0
+    hold: asyncio.Event | None = None
+    hold_s: float = 60.0
+    answers: list[Answer] = field(default_factory=list)
+    probability: float = 1.0
+    times: int | None = None
+    rng: random.Random = field(default_factory=random.Random)
+    seen: int = 0
+    active: bool = True
+
+    def applies(self, call: Call) -> bool:
+        if not self.active or (self.times is not None and self.seen >= self.times):
+            return False
+        return self.when(call)
+
+
+def server_error(status: int = 500) -> Answer:
+    return status, {"message": "Internal Server Error", "code": 0}
+
+
+def rate_limited(retry_after: float = 1.0) -> Answer:
+    return 429, {"message": "You are being rate limited.", "retry_after": retry_after, "global": False}
+
+
+def is_edit(call: Call) -> bool:
+    """A message edit: a channel message or an interaction's response or follow-up."""
+    return call.method == "PATCH" and "/messages/" in call.path
+
+
+def content_of(call: Call) -> str | None:
+    body = call.body if isinstance(call.body, dict) else {}
+    data = body.get("data", body) if "/callback" in call.path else body
+    content = data.get("content") if isinstance(data, dict) else None
+    return content if isinstance(content, str) else None
 
 
 @dataclass
@@ -90,6 +147,7 @@ class Interaction:
     channel_id: int
     callback: dict[str, Any] | None = None  # the body of the first (and only) callback
     expired: bool = False  # the token's 3 seconds are over: Discord answers 10062
+    token_expired: bool = False  # its 15 minutes are over: the webhook calls answer 401 (50027)
     payload: dict[str, Any] = field(default_factory=dict)  # the INTERACTION_CREATE data, to replay
 
 
@@ -116,6 +174,11 @@ class FakeDiscord:
         self.port = 0
         self.channels: dict[int, dict[str, Any]] = {}
         self.threads: dict[int, dict[str, Any]] = {}
+        self.faults: list[Fault] = []
+        # message path ("/channels/1/messages/2", "/webhooks/.../@original") -> edits in flight now,
+        # and the most there ever were at once
+        self.edits_in_flight: dict[str, int] = {}
+        self.max_edits_in_flight: dict[str, int] = {}
 
     # -- lifecycle --------------------------------------------------------------------------
     async def start(self) -> None:
@@ -142,9 +205,19 @@ class FakeDiscord:
     def gateway_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/gateway"
 
-    def snowflake(self) -> int:
-        """A fresh id whose timestamp is now, as Discord's are (the adapter reads interaction age)."""
-        return ((int(time.time() * 1000) - DISCORD_EPOCH_MS) << 22) | next(self._ids)
+    def snowflake(self, *, age_s: float = 0.0) -> int:
+        """A fresh id whose timestamp is now (``age_s`` ago), as Discord's are (the adapter reads
+        interaction age)."""
+        return ((int((time.time() - age_s) * 1000) - DISCORD_EPOCH_MS) << 22) | next(self._ids)
+
+    @property
+    def connected(self) -> bool:
+        """Whether a gateway connection is open (events sent now reach a client)."""
+        return self._ws is not None and not self._ws.closed
+
+    def add_fault(self, fault: Fault) -> Fault:
+        self.faults.append(fault)
+        return fault
 
     # -- guild setup --------------------------------------------------------------------------
     def add_channel(self) -> int:
@@ -237,10 +310,14 @@ class FakeDiscord:
         direct: bool = False,
         focused: str | None = None,
         expired: bool = False,
+        age_s: float = 0.0,
     ) -> Interaction:
         """Send an INTERACTION_CREATE for ``/name`` as Discord does when a user runs it (an
-        autocomplete request while they type option ``focused``, when given)."""
-        interaction = Interaction(self.snowflake(), f"token-{next(self._ids)}", channel_id, expired=expired)
+        autocomplete request while they type option ``focused``, when given); ``age_s``: how long
+        ago its id says it was created."""
+        interaction = Interaction(
+            self.snowflake(age_s=age_s), f"token-{next(self._ids)}", channel_id, expired=expired
+        )
         self.interactions[interaction.token] = interaction
         payload: dict[str, Any] = interaction.payload
         payload |= {
@@ -334,6 +411,14 @@ class FakeDiscord:
 
     def replies_to(self, message_id: int) -> list[Posted]:
         return [p for p in self.posted.values() if p.reference == message_id and not p.deleted]
+
+    def bot_messages(self, channel_id: int) -> list[Posted]:
+        """Every message the bot shows in ``channel_id`` (channel messages, interaction responses and
+        follow-ups, not deleted), oldest first."""
+        return sorted(
+            (p for p in self.posted.values() if p.channel_id == channel_id and not p.deleted),
+            key=lambda p: p.id,
+        )
 
     def followups(self, token: str) -> list[Posted]:
         return [
@@ -440,11 +525,53 @@ class FakeDiscord:
         # Interaction callbacks and webhooks authenticate with the interaction token in the URL.
         authorised = request.headers.get("Authorization") == f"Bot {self.token}"
         if not authorised and not path.startswith(("/interactions/", "/webhooks/")):
+            call.status, call.ended = 401, time.monotonic()
             return _json({"message": "401: Unauthorized", "code": 0}, status=401)
+        editing = is_edit(call)
+        if editing:
+            self.edits_in_flight[path] = self.edits_in_flight.get(path, 0) + 1
+            self.max_edits_in_flight[path] = max(
+                self.max_edits_in_flight.get(path, 0), self.edits_in_flight[path]
+            )
         try:
-            return await self._route(call)
+            response = await self._faulted(call)
+            call.status = response.status
+            return response
         finally:
+            call.ended = time.monotonic()
+            if editing:
+                self.edits_in_flight[path] -= 1
             await self._notify()
+
+    async def _faulted(self, call: Call) -> web.StreamResponse:
+        fault = next((f for f in self.faults if f.applies(call)), None)
+        if fault is not None:
+            fault.seen += 1
+            await self._notify()
+            if fault.delay_s:
+                await asyncio.sleep(fault.delay_s)
+            if fault.hold is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(fault.hold.wait(), fault.hold_s)
+                return web.Response(status=503, text="held, then cut off")
+            answer: Answer | None = None
+            if fault.answers and fault.probability >= 1:
+                answer = fault.answers.pop(0)
+            elif fault.answers and fault.rng.random() < fault.probability:
+                answer = fault.rng.choice(fault.answers)
+            if answer is not None:
+                status, body = answer
+                headers = {"Content-Type": "application/json"}
+                if status == 429:
+                    retry_after = str(body.get("retry_after", 1))
+                    headers |= {
+                        "Via": "1.1 google",  # discord.py takes a 429 without it for a Cloudflare ban
+                        "Retry-After": retry_after,
+                        "X-RateLimit-Scope": "user",
+                        "X-RateLimit-Bucket": "fake",
+                    }
+                return web.Response(status=status, body=json.dumps(body).encode(), headers=headers)
+        return await self._route(call)
 
     async def _route(self, call: Call) -> web.StreamResponse:
         parts = call.path.strip("/").split("/")
@@ -456,6 +583,8 @@ class FakeDiscord:
                 return _json(self._application())
             case "POST", ["interactions", _, token, "callback"]:
                 return self._callback(token, body)
+            case "POST" | "PATCH" | "DELETE", ["webhooks", _, token, *_] if self._token_expired(token):
+                return _json({"message": "Invalid Webhook Token", "code": 50027}, status=401)
             case "POST", ["webhooks", _, token]:
                 interaction = self.interactions[token]
                 posted = self._post(interaction.channel_id, body, kind="followup", token=token)
@@ -482,6 +611,10 @@ class FakeDiscord:
                 return _json({"message": "Missing Access", "code": 50001}, status=403)
         return _json({"message": "404: Not Found", "code": 0}, status=404)
 
+    def _token_expired(self, token: str) -> bool:
+        interaction = self.interactions.get(token)
+        return interaction is not None and interaction.token_expired
+
     def _application(self) -> dict[str, Any]:
         return {
             "id": str(APP_ID),
@@ -498,7 +631,7 @@ class FakeDiscord:
 
     def _callback(self, token: str, body: dict[str, Any]) -> web.Response:
         interaction = self.interactions[token]
-        if interaction.expired:
+        if interaction.expired or interaction.token_expired:
             return _json({"message": "Unknown interaction", "code": 10062}, 404)
         if interaction.callback is not None:  # Discord allows one response per interaction
             return _json({"message": "Interaction has already been acknowledged.", "code": 40060}, 400)

@@ -3,15 +3,21 @@ a response_url endpoint, as one aiohttp app that records every call.
 
 It keeps the messages it was asked to post and edit, so a test can read a thread the way a
 user would see it. Tests wait on conditions (``wait_for``), never on sleeps.
+
+``faults`` (see ``Fault``) inject slow, held, failing or rate-limited answers for chosen calls; the
+fake counts how many ``chat.update`` calls are in flight per message at once. A restarted bot can
+connect again: nothing is kept per connection but the current websocket.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import itertools
 import json
+import random
 import time
 import uuid
 from collections.abc import Callable
@@ -27,12 +33,18 @@ BOT_USER_ID = "UBOT"
 TEAM_ID = "T1"
 
 
+PLACEHOLDER = ":hourglass_flowing_sand: _thinking…_"  # adapters.slack_reply.PLACEHOLDER
+Answer = tuple[int, dict[str, Any] | str, dict[str, str]]  # (status, body, headers)
+
+
 @dataclass
 class Call:
     method: str
     params: dict[str, Any]
     token: str | None
     at: float = field(default_factory=time.monotonic)
+    ended: float | None = None  # when the fake answered it
+    status: int = 200  # what the fake answered
 
 
 @dataclass
@@ -42,6 +54,43 @@ class Message:
     thread_ts: str | None
     text: str
     edits: list[str] = field(default_factory=list)  # every text it has shown, in order
+    deleted: bool = False
+
+
+@dataclass
+class Fault:
+    """A fault for the calls of ``method`` whose params ``when`` accepts (all, without ``when``).
+
+    In order: wait ``delay_s``; if ``hold`` is given, wait until it is set (at most ``hold_s``) and
+    answer 503 without doing anything (what a connection cut mid-call looks like); else answer the
+    next of ``answers`` (the call is not carried out), or, with ``probability`` < 1, fail only
+    that share of calls with a random one of ``answers`` (kept). ``times`` limits how many matching
+    calls it applies to; ``seen`` counts them."""
+
+    method: str
+    when: Callable[[dict[str, Any]], bool] | None = None
+    delay_s: float = 0.0
+    hold: asyncio.Event | None = None
+    hold_s: float = 60.0
+    answers: list[Answer] = field(default_factory=list)
+    probability: float = 1.0
+    times: int | None = None
+    rng: random.Random = field(default_factory=random.Random)
+    seen: int = 0
+    active: bool = True
+
+    def applies(self, method: str, params: dict[str, Any]) -> bool:
+        if not self.active or method != self.method or (self.times is not None and self.seen >= self.times):
+            return False
+        return self.when is None or self.when(params)
+
+
+def server_error(status: int = 500) -> Answer:
+    return status, {"ok": False, "error": "internal_error"}, {}
+
+
+def rate_limited(retry_after: float = 1) -> Answer:
+    return 429, {"ok": False, "error": "ratelimited"}, {"Retry-After": f"{retry_after:g}"}
 
 
 class FakeSlack:
@@ -54,6 +103,11 @@ class FakeSlack:
         # method -> queued (status, body, headers) answers that replace the normal one; a str body
         # is sent as is, with the headers' Content-Type (a proxy's text/plain or HTML error page)
         self.failures: dict[str, list[tuple[int, dict[str, Any] | str, dict[str, str]]]] = {}
+        self.faults: list[Fault] = []
+        # (channel, ts) -> chat.update calls in flight for it now, and the most there ever were
+        self.updates_in_flight: dict[tuple[str, str], int] = {}
+        self.max_updates_in_flight: dict[tuple[str, str], int] = {}
+        self.connections = 0  # Socket Mode websockets opened so far
         self.socket: web.WebSocketResponse | None = None
         self._ts = itertools.count(1)
         self._changed = asyncio.Condition()
@@ -99,11 +153,25 @@ class FakeSlack:
 
     def thread(self, channel: str, thread_ts: str | None) -> list[Message]:
         """The bot's messages in a thread (or at a channel's top level for None), oldest first."""
-        found = [m for m in self.messages.values() if m.channel == channel and m.thread_ts == thread_ts]
+        found = [
+            m
+            for m in self.messages.values()
+            if m.channel == channel and m.thread_ts == thread_ts and not m.deleted
+        ]
         return sorted(found, key=lambda m: float(m.ts))
 
     def thread_text(self, channel: str, thread_ts: str | None) -> list[str]:
         return [m.text for m in self.thread(channel, thread_ts)]
+
+    def bot_messages(self, channel: str, *, deleted: bool = False) -> list[Message]:
+        """Every message the bot posted in ``channel``, in any thread, oldest first (deleted ones
+        too when ``deleted``)."""
+        found = [m for m in self.messages.values() if m.channel == channel and (deleted or not m.deleted)]
+        return sorted(found, key=lambda m: float(m.ts))
+
+    def add_fault(self, fault: Fault) -> Fault:
+        self.faults.append(fault)
+        return fault
 
     async def wait_for(self, predicate: Callable[[], bool], deadline_s: float = 10.0) -> None:
         async with asyncio.timeout(deadline_s), self._changed:
@@ -119,7 +187,7 @@ class FakeSlack:
         self, payload: dict[str, Any], *, kind: str = "events_api", retry_attempt: int = 0
     ) -> tuple[str, float]:
         """Send one envelope over the websocket; returns (envelope_id, when it was sent)."""
-        await self.wait_for(lambda: self.socket is not None)
+        await self.wait_for(lambda: self.socket is not None and not self.socket.closed)
         assert self.socket is not None
         envelope_id = str(uuid.uuid4())
         envelope = {
@@ -142,6 +210,7 @@ class FakeSlack:
         ws = web.WebSocketResponse(autoping=True)
         await ws.prepare(request)
         self.socket = ws
+        self.connections += 1
         await ws.send_str(json.dumps({"type": "hello", "num_connections": 1}))
         await self._notify()
         async for msg in ws:
@@ -167,16 +236,44 @@ class FakeSlack:
                 params.update(await request.post())
         auth = request.headers.get("Authorization", "")
         token = auth.removeprefix("Bearer ") if auth else params.pop("token", None)
-        self.calls.append(Call(method, params, token))
+        call = Call(method, params, token)
+        self.calls.append(call)
+        key = (str(params.get("channel")), str(params.get("ts")))
+        if method == "chat.update":
+            self.updates_in_flight[key] = self.updates_in_flight.get(key, 0) + 1
+            self.max_updates_in_flight[key] = max(
+                self.max_updates_in_flight.get(key, 0), self.updates_in_flight[key]
+            )
         try:
-            if self.failures.get(method):
-                status, body, headers = self.failures[method].pop(0)
-                if isinstance(body, str):
-                    return web.Response(body=body.encode(), status=status, headers=headers)
-                return web.json_response(body, status=status, headers=headers)
-            return web.json_response(self._answer(method, params, token))
+            status, body, headers = await self._faulted(method, params, token)
+            call.status = status
+            if isinstance(body, str):
+                return web.Response(body=body.encode(), status=status, headers=headers)
+            return web.json_response(body, status=status, headers=headers)
         finally:
+            call.ended = time.monotonic()
+            if method == "chat.update":
+                self.updates_in_flight[key] -= 1
             await self._notify()
+
+    async def _faulted(self, method: str, params: dict[str, Any], token: str | None) -> Answer:
+        if self.failures.get(method):
+            return self.failures[method].pop(0)
+        fault = next((f for f in self.faults if f.applies(method, params)), None)
+        if fault is not None:
+            fault.seen += 1
+            await self._notify()
+            if fault.delay_s:
+                await asyncio.sleep(fault.delay_s)
+            if fault.hold is not None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(fault.hold.wait(), fault.hold_s)
+                return 503, "held, then cut off", {"Content-Type": "text/plain"}
+            if fault.answers and fault.probability >= 1:
+                return fault.answers.pop(0)
+            if fault.answers and fault.rng.random() < fault.probability:
+                return fault.rng.choice(fault.answers)
+        return 200, self._answer(method, params, token), {}
 
     def _answer(self, method: str, params: dict[str, Any], token: str | None) -> dict[str, Any]:
         if method == "apps.connections.open":
@@ -200,11 +297,17 @@ class FakeSlack:
             return {"ok": True, "channel": channel, "ts": ts, "message": {"text": text, "ts": ts}}
         if method == "chat.update":
             message = self.messages.get((params["channel"], params["ts"]))
-            if message is None:
+            if message is None or message.deleted:
                 return {"ok": False, "error": "message_not_found"}
             message.text = params["text"]
             message.edits.append(params["text"])
             return {"ok": True, "channel": message.channel, "ts": message.ts, "text": message.text}
+        if method == "chat.delete":
+            message = self.messages.get((params["channel"], params["ts"]))
+            if message is None or message.deleted:
+                return {"ok": False, "error": "message_not_found"}
+            message.deleted = True
+            return {"ok": True, "channel": message.channel, "ts": message.ts}
         return {"ok": False, "error": "unknown_method"}
 
     async def _respond(self, request: web.Request) -> web.Response:
