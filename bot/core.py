@@ -79,6 +79,7 @@ class _Work:
     answered: asyncio.Event = field(default_factory=asyncio.Event)
     saved_handle: dict[str, Any] | None = None
     final: tuple[str, FinalKind] | None = None
+    next_write_at: float = 0.0  # on the core's clock: the final text, too, keeps the edit spacing
 
 
 class _ChannelLocks:
@@ -129,6 +130,12 @@ class _EditPacer:
         if text.strip():
             self._latest = text
             self._changed.set()
+
+    @property
+    def next_write_at(self) -> float:
+        """When the next write (the final text) may start: the interval after the last edit ended
+        (at once if no edit was sent)."""
+        return self._last_end + self._interval if self._sent else -float("inf")
 
     async def close(self) -> None:
         """Stop; an edit in flight is let finish first, so the final text never races it."""
@@ -454,6 +461,7 @@ class Bot:
             return None
         finally:
             await pacer.close()
+            work.next_write_at = pacer.next_write_at
         assert stream.result is not None
         return stream.result.text
 
@@ -463,6 +471,9 @@ class Bot:
         assert work.final is not None
         text, kind = work.final
         attempts = work.event.attempts
+        wait = work.next_write_at - self._clock()
+        if wait > 0:
+            await asyncio.sleep(min(wait, self._settings.stream_interval))
         while True:
             try:
                 await (work.reply.fail(text) if kind is FinalKind.ERROR else work.reply.finish(text))

@@ -34,9 +34,15 @@ async def test_an_ask_recovered_after_its_token_expired_is_answered_in_the_chann
             if p.kind == "channel" and question.qid in p.content
         ]
 
-    await wait_until(lambda: bool(posted()), 20, interval_s=0.1, abort=rig.bot.died)
+    ref = rig.transport.channel_ref(conversation)
+
+    async def answered() -> bool:
+        turns = [t for t in await rig.db.turns(ref) if question.qid in t.user]
+        return bool(turns) and any(turns[0].assistant in text for text in posted())
+
+    await wait_until(answered, 30, interval_s=0.1, abort=rig.bot.died)
     await wait_until(lambda: False, 1.0)  # anything posted late (a second copy) shows up too
-    turns = [t for t in await rig.db.turns(rig.transport.channel_ref(conversation)) if question.qid in t.user]
+    turns = [t for t in await rig.db.turns(ref) if question.qid in t.user]
     messages = posted()
     problems = []
     if len(turns) != 1:
