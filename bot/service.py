@@ -345,6 +345,8 @@ class ModelService:
 
     def _complete(self, job: _Job, result: GenerationResult) -> None:
         metrics.TOKENS.inc(result.new_tokens)
+        metrics.PROMPT_TOKENS.inc(result.prompt_tokens)
+        metrics.PREFIX_REUSED_TOKENS.inc(result.reused_tokens)
         if job.cancelled.is_set():
             self._end(job, GenerationCancelled())
         elif job.timed_out():
