@@ -19,7 +19,7 @@ from bot.config import ConfigError, Settings
 from bot.core import Bot
 from bot.events import Adapter, Handler
 from bot.generation import Generator, GeneratorFactory
-from bot.service import ModelService
+from bot.service import ChatService, ModelService
 from storage.repository import Storage
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,8 @@ def check_settings(settings: Settings, *, platforms: bool = True) -> None:
             "SLACK_BOT_TOKEN is set but neither SLACK_SIGNING_SECRET (HTTP Events API) "
             "nor SLACK_APP_TOKEN (Socket Mode) is"
         )
+    if settings.backend == "openai":  # no weights are loaded; BOT_MODEL_PATH only may hold a tokenizer
+        return
     path = settings.model_path.strip()
     if not path:
         raise ConfigError(
@@ -92,6 +94,17 @@ def model_factory(settings: Settings) -> GeneratorFactory:
     return load
 
 
+def chat_service(settings: Settings) -> ChatService:
+    """Where answers come from: the in-process engine, or an OpenAI-compatible server."""
+    if settings.backend == "openai":
+        from bot.openai_backend import OpenAIService
+
+        return OpenAIService(settings)
+    return ModelService(
+        model_factory(settings), queue_size=settings.queue_size, timeout_s=settings.request_timeout_s
+    )
+
+
 def platform_adapters(settings: Settings, http_app: web.Application) -> list[Adapter]:
     adapters: list[Adapter] = []
     if settings.slack_enabled:
@@ -109,9 +122,7 @@ async def run(settings: Settings, *, console: Adapter | None = None) -> None:
     """Run until SIGTERM/SIGINT, or until the console adapter's chat ends."""
     storage = await Storage.open(settings.database_url, data_dir=settings.data_dir)
     log.info("database: %s", storage.location)
-    service = ModelService(
-        model_factory(settings), queue_size=settings.queue_size, timeout_s=settings.request_timeout_s
-    )
+    service = chat_service(settings)
     adapters: list[Adapter] = []
     runner: web.AppRunner | None = None
     loaded = False
@@ -125,10 +136,12 @@ async def run(settings: Settings, *, console: Adapter | None = None) -> None:
             runner = await http.start_server(http_app, settings.http_host, settings.http_port)
         if console is None:
             await _check_tokens(settings)
-        log.info("loading the model from %s", settings.model_path)
+        if isinstance(service, ModelService):
+            log.info("loading the model from %s", settings.model_path)
         await service.start()
         _check_context(settings, service.max_context_tokens)
-        _export_model_metrics(settings, service.generator)
+        if isinstance(service, ModelService):
+            _export_model_metrics(settings, service.generator)
         loaded = True
         bot = Bot(settings, storage, service)
         started = [adapter for adapter in adapters if await supervisor.start(adapter, bot.handle)]
@@ -224,7 +237,7 @@ class _Supervisor:
 
 
 async def _health(
-    service: ModelService, storage: Storage, loaded: bool, states: dict[str, str]
+    service: ChatService, storage: Storage, loaded: bool, states: dict[str, str]
 ) -> dict[str, object]:
     database = "ok" if await storage.ping() else "down"
     report: dict[str, object] = {
@@ -292,7 +305,7 @@ async def _prune_forever(settings: Settings, storage: Storage) -> None:
 
 
 async def _shutdown(
-    adapters: Sequence[Adapter], runner: web.AppRunner | None, service: ModelService, storage: Storage
+    adapters: Sequence[Adapter], runner: web.AppRunner | None, service: ChatService, storage: Storage
 ) -> None:
     for adapter in adapters:
         try:

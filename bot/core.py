@@ -25,7 +25,7 @@ from bot.events import (
 )
 from bot.generation import GenerationParams, GenerationRequest, Turn
 from bot.sanitize import clean_text
-from bot.service import ModelService, ServiceError
+from bot.service import ChatService, ServiceError
 from storage.repository import ClaimResult, EventStatus, Storage
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class Bot:
         self,
         settings: Settings,
         storage: Storage,
-        service: ModelService,
+        service: ChatService,
         clock: Callable[[], float] = time.monotonic,  # throttles streamed updates; tests pass a fake
     ) -> None:
         self._clock = clock
