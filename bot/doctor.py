@@ -93,7 +93,8 @@ async def _backend(settings: Settings) -> Check:
         return Check(
             "problem",
             "backend",
-            f"{base} does not list BOT_OPENAI_MODEL={settings.openai_model} (it lists {', '.join(names) or 'none'})",
+            f"{base} does not list BOT_OPENAI_MODEL={settings.openai_model} "
+            f"(it lists {', '.join(names) or 'none'})",
             "set BOT_OPENAI_MODEL to one of them",
         )
     return Check("ok", "backend", f"{base} serves {settings.openai_model}")
