@@ -126,7 +126,8 @@ class OpenAIService:
         self._max_context_tokens = settings.max_context_tokens
         self._timeout_s = settings.request_timeout_s
         self._queue_size = settings.queue_size
-        self._slots = asyncio.Semaphore(settings.openai_concurrency)
+        self._concurrency = settings.openai_concurrency
+        self._slots = asyncio.Semaphore(self._concurrency)
         self._waiting = 0
         self._active = 0
         self._streams: set[OpenAIStream] = set()
@@ -175,7 +176,8 @@ class OpenAIService:
     def stream(self, request: GenerationRequest) -> OpenAIStream:
         if self._closing or self._session is None:
             raise ServiceClosed()
-        if self._waiting >= self._queue_size:
+        # Streams whose task has not run yet count as waiting, so compare the total with both bounds.
+        if self._waiting + self._active >= self._queue_size + self._concurrency:
             metrics.GENERATIONS.labels("busy").inc()
             raise ServiceBusy()
         self._waiting += 1
