@@ -260,3 +260,59 @@ def test_503_while_the_model_loads(tmp_path: Path) -> None:
         status, headers, error = post_json(api, {"messages": [USER]})
         assert status == 503 and error["error"]["code"] == "model_loading"
         assert int(headers["Retry-After"]) > 0
+
+
+async def test_the_openai_backend_on_the_api_answers_like_the_local_engine(
+    api: ApiProcess, tmp_path: Path
+) -> None:
+    from bot.generation import GenerationParams, GenerationRequest
+    from bot.model.chat import ChatGLM2Generator
+    from bot.openai_backend import OpenAIService
+    from tests.support import make_settings
+
+    settings = make_settings(
+        tmp_path,
+        backend="openai",
+        openai_base_url=api.base_url,
+        openai_api_key=API_KEY,
+        openai_model="chatglm2-tiny-fp32",
+        model_path=str(tiny_dir("fp32")),
+    )
+    request = GenerationRequest(
+        query=MULTI["query"],
+        history=tuple((q, a) for q, a in MULTI["history"]),
+        params=GenerationParams(max_new_tokens=8, temperature=0.0),
+    )
+    local = ChatGLM2Generator.load(tiny_dir("fp32"), dtype="float32", device="cpu", max_batch_size=1)
+    want = local.generate(request, lambda _d: None, lambda: False)
+    service = OpenAIService(settings)
+    await service.start()
+    try:
+        stream = service.stream(request)
+        text = "".join([delta async for delta in stream])
+    finally:
+        await service.close()
+    assert stream.result is not None
+    assert text == stream.result.text == want.text
+    assert (stream.result.prompt_tokens, stream.result.new_tokens) == (want.prompt_tokens, want.new_tokens)
+    assert stream.result.hit_limit
+    assert service.prompt_tokens(request.query, request.history) == want.prompt_tokens  # the same tokenizer
+
+
+def test_chat_with_backend_openai_answers_through_the_api(api: ApiProcess, tmp_path: Path) -> None:
+    single = next(p for p in expected()["fp32"] if p["name"] == "zh_single")
+    query = next(p for p in expected()["tokenizer"]["chat_prompts"] if p["name"] == "zh_single")["query"]
+    env = {
+        "BOT_BACKEND": "openai",
+        "BOT_OPENAI_BASE_URL": api.base_url,
+        "BOT_OPENAI_API_KEY": API_KEY,
+        "BOT_OPENAI_MODEL": "chatglm2-tiny-fp32",
+        "BOT_MODEL_PATH": str(tiny_dir("fp32")),
+        "BOT_DATABASE_URL": f"sqlite:///{tmp_path / 'chat.db'}",
+        "BOT_TEMPERATURE": "0",
+        "BOT_MAX_NEW_TOKENS": "8",
+    }
+    result = run_cli(["chat"], env, stdin=query + "\nquit\n", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert single["chat_response_greedy_8"] in result.stdout
+    assert API_KEY not in result.stdout + result.stderr
