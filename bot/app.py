@@ -30,19 +30,20 @@ RETRY_MAX_S = 60.0
 UNREACHABLE = (ConnectionError, OSError, aiohttp.ClientError, TimeoutError)
 
 
-def check_settings(settings: Settings, *, platforms: bool = True) -> None:
+def check_settings(settings: Settings, *, platforms: bool = True, model: bool | None = None) -> None:
     """Fail fast, with one clear line, on what would otherwise fail later and less clearly.
 
     ``platforms``: whether the Slack / Discord settings matter (not for a console chat, which
-    must work in a shell whose environment is set up for ``serve``)."""
+    must work in a shell whose environment is set up for ``serve``). ``model``: whether weights will
+    be loaded (default: unless BOT_BACKEND=openai; ``api`` always loads them)."""
     slack_http = settings.slack_enabled and not settings.slack_socket_mode
     if platforms and slack_http and settings.slack_signing_secret is None:
         raise ConfigError(
             "SLACK_BOT_TOKEN is set but neither SLACK_SIGNING_SECRET (HTTP Events API) "
             "nor SLACK_APP_TOKEN (Socket Mode) is"
         )
-    if settings.backend == "openai":  # no weights are loaded; BOT_MODEL_PATH only may hold a tokenizer
-        return
+    if not (settings.backend == "local" if model is None else model):
+        return  # BOT_MODEL_PATH may only hold a tokenizer for the openai backend
     path = settings.model_path.strip()
     if not path:
         raise ConfigError(

@@ -89,13 +89,13 @@ def load_settings(*, warn: bool = True) -> Settings:
         raise ConfigError(f"{name}: {message}") from None
 
 
-def _prepare(*, quiet: bool = False, platforms: bool | None = None) -> Settings:
+def _prepare(*, quiet: bool = False, platforms: bool | None = None, model: bool | None = None) -> Settings:
     from bot.app import check_settings
 
     settings = load_settings()
     level = "WARNING" if quiet and settings.log_level == "INFO" else settings.log_level
     logs.configure(level, secret_values(settings))
-    check_settings(settings, platforms=not quiet if platforms is None else platforms)
+    check_settings(settings, platforms=not quiet if platforms is None else platforms, model=model)
     return settings
 
 
@@ -114,7 +114,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _api(args: argparse.Namespace) -> int:
     from bot.api.server import run
 
-    settings = _prepare(platforms=False)
+    settings = _prepare(platforms=False, model=True)  # the API serves the local engine, whatever BOT_BACKEND
     host = settings.api_host if args.host is None else args.host
     port = settings.api_port if args.port is None else args.port
     asyncio.run(run(settings, host, port))

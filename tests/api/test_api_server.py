@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -316,3 +317,16 @@ def test_chat_with_backend_openai_answers_through_the_api(api: ApiProcess, tmp_p
     assert result.returncode == 0, result.stderr
     assert single["chat_response_greedy_8"] in result.stdout
     assert API_KEY not in result.stdout + result.stderr
+
+
+def test_bot_api_port_is_read_and_a_busy_one_is_one_clear_line(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_cli(["api"], tiny_env(BOT_API_PORT=str(port)), timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert (
+        len(lines) == 1 and lines[0].startswith("chatglm-bot: error: BOT_API_PORT:") and str(port) in lines[0]
+    )
