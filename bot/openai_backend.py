@@ -28,7 +28,7 @@ from typing import Any
 import aiohttp
 
 from bot import metrics
-from bot.config import Settings
+from bot.config import ConfigError, Settings
 from bot.generation import GenerationRequest, GenerationResult, Turn
 from bot.model.tokenizer import TOKENIZER_FILE, ChatGLMTokenizer
 from bot.service import (
@@ -79,11 +79,11 @@ class OpenAIStream:
         self.result: GenerationResult | None = None
         self._events: asyncio.Queue[_Event] = asyncio.Queue()
         self._ended = False
-        self._task = asyncio.create_task(run(self._emit))
-        self._task.add_done_callback(self._on_done)
+        self.task = asyncio.create_task(run(self._emit))
+        self.task.add_done_callback(self._on_done)
 
     def cancel(self) -> None:
-        self._task.cancel()
+        self.task.cancel()
 
     async def __aiter__(self) -> AsyncIterator[str]:
         try:
@@ -101,7 +101,7 @@ class OpenAIStream:
                     raise payload
         finally:
             if self.result is None:
-                self._task.cancel()
+                self.task.cancel()
 
     def _emit(self, kind: str, payload: object) -> None:
         if not self._ended:
@@ -109,11 +109,9 @@ class OpenAIStream:
             self._events.put_nowait((kind, payload))
 
     def _on_done(self, task: asyncio.Task[None]) -> None:
-        # Also when the task was cancelled before it ever ran: the reader must not wait forever.
+        # A task cancelled before it ever ran emitted nothing: the reader must not wait forever.
         if task.cancelled():
             self._emit(_ERROR, GenerationCancelled())
-        elif task.exception() is not None:
-            self._emit(_ERROR, GenerationFailed())
 
 
 class OpenAIService:
@@ -137,7 +135,10 @@ class OpenAIService:
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
-        self._tokenizer = await asyncio.to_thread(_tokenizer, self._model_path)
+        try:
+            self._tokenizer = await asyncio.to_thread(_tokenizer, self._model_path)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"BOT_MODEL_PATH: {exc}") from None
         counting = "the ChatGLM2 tokenizer" if self._tokenizer else "an estimate (no tokenizer.model)"
         log.info("model backend: %s (model %s); token counts from %s", self._url, self._model, counting)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S)
@@ -145,8 +146,10 @@ class OpenAIService:
 
     async def close(self) -> None:
         self._closing = True
-        for stream in list(self._streams):
-            stream.cancel()
+        tasks = [stream.task for stream in self._streams]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
 
@@ -183,7 +186,7 @@ class OpenAIService:
         self._waiting += 1
         stream = OpenAIStream(lambda emit: self._run(request, emit))
         self._streams.add(stream)
-        stream._task.add_done_callback(lambda _: self._streams.discard(stream))
+        stream.task.add_done_callback(lambda _: self._streams.discard(stream))
         return stream
 
     # -- one answer ------------------------------------------------------------------------
@@ -214,6 +217,10 @@ class OpenAIService:
             outcome = "GenerationCancelled"
             emit(_ERROR, GenerationCancelled())
             raise
+        except Exception:  # a bug or an unforeseen answer: this request fails, the service goes on
+            log.exception("the model backend request failed")
+            outcome = "GenerationFailed"
+            emit(_ERROR, GenerationFailed())
         finally:
             if waiting:
                 self._waiting -= 1

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tests.model.fixture import REPO_ROOT, tiny_dir
 
@@ -85,7 +86,7 @@ def request(
 
 def post_json(
     api: ApiProcess, payload: object, key: str | None = API_KEY
-) -> tuple[int, dict[str, str], dict]:  # type: ignore[type-arg]
+) -> tuple[int, dict[str, str], dict[str, Any]]:
     raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
     headers = {"Content-Type": "application/json"}
     if key is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 
 from aiohttp import web
 
@@ -42,11 +43,10 @@ class FakeOpenAI:
         app.router.add_get("/v1/models", self._models)
         self._runner = web.AppRunner(app, handler_cancellation=True)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        with socket.socket() as sock:  # a free port (aiohttp does not report the one it picked)
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
 
     async def close(self) -> None:
         if self._runner is not None:

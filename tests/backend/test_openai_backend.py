@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from bot import openai_backend
+from bot.config import ConfigError
 from bot.generation import GenerationParams, GenerationRequest
 from bot.openai_backend import BackendUnavailable, OpenAIService
 from bot.service import GenerationCancelled, GenerationFailed, GenerationTimeout, ServiceBusy, TextStream
@@ -219,3 +220,9 @@ async def test_token_counts_use_the_tokenizer_when_there_is_one(tmp_path: Path, 
     finally:
         await estimated.close()
         await counted.close()
+
+
+async def test_an_unreadable_tokenizer_is_a_config_error(tmp_path: Path, fake: FakeOpenAI) -> None:
+    (tmp_path / "tokenizer.model").write_bytes(b"not a sentencepiece model")
+    with pytest.raises(ConfigError, match="BOT_MODEL_PATH"):
+        await service_for(tmp_path, fake.base_url, model_path=str(tmp_path))
