@@ -330,3 +330,16 @@ def test_bot_api_port_is_read_and_a_busy_one_is_one_clear_line(tmp_path: Path) -
     assert (
         len(lines) == 1 and lines[0].startswith("chatglm-bot: error: BOT_API_PORT:") and str(port) in lines[0]
     )
+
+
+def test_text_parts_and_the_developer_role_read_as_plain_text_and_system(api: ApiProcess) -> None:
+    def answer(messages: list[dict[str, Any]]) -> str:
+        status, _, body = post_json(api, {"messages": messages, **GREEDY})
+        assert status == 200, body
+        content: str = body["choices"][0]["message"]["content"]
+        return content
+
+    plain = answer([{"role": "system", "content": "Be kind."}, {"role": "user", "content": "hello world"}])
+    parts = [{"type": "text", "text": "hello "}, {"type": "text", "text": "world"}]
+    assert answer([{"role": "developer", "content": "Be kind."}, {"role": "user", "content": parts}]) == plain
+    assert answer([{"role": "user", "content": parts}]) != plain  # the system text did count
