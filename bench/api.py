@@ -4,10 +4,11 @@ N clients each hold an R-turn conversation (every turn resends the history with 
 as an OpenAI client does; greedy, ``--answer-tokens`` per answer); the clients run concurrently. TTFT
 is the time from sending a request to its first text (over the API: the first content chunk; in-process:
 the first delta from ``service.stream()``, measured with bench/chat.py's ``timed``). Aggregate tokens/s
-is all answer tokens over the wall time of the whole load. The in-process run goes first, through a
-``ModelService`` built as bench/chat.py builds it (each client a conversation key); then the API server
-is started on the same checkpoint (or ``--url`` is used) and gets the same queries, without keys: its
-prefix cache finds each turn's earlier prompt by tokens.
+is all answer tokens over the wall time of the whole load; ``reused_prompt_fraction`` is the share of
+the load's prompt tokens whose KV came from the prefix cache (the prefix-cache counters). The
+in-process run goes first, through a ``ModelService`` built as bench/chat.py builds it (each client a
+conversation key); then the API server is started on the same checkpoint (or ``--url`` is used) and
+gets the same queries, without keys: its prefix cache finds each turn's earlier prompt by tokens.
 
     python bench/api.py [--model DIR] [--url http://host:8000/v1] [--clients 4] [--turns 3] --json
 """
@@ -32,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -51,13 +54,43 @@ def percentiles(values: list[float]) -> dict[str, float]:
     return {"p50": round(statistics.median(ordered), 3), "p99": round(p99, 3)}
 
 
-def summary(ttfts: list[float], tokens: int, wall_s: float) -> dict[str, Any]:
+def summary(ttfts: list[float], tokens: int, wall_s: float, reuse: tuple[float, float]) -> dict[str, Any]:
+    reused, prompt = reuse
     return {
         "requests": len(ttfts),
         "ttft_s": percentiles(ttfts),
         "tokens_per_s": round(tokens / max(wall_s, 1e-9), 3),
         "wall_s": round(wall_s, 3),
+        "reused_prompt_fraction": round(reused / max(prompt, 1.0), 3),
     }
+
+
+REUSE_METRICS = ("chatglm_bot_prefix_reused_tokens_total", "chatglm_bot_prompt_tokens_total")
+
+
+def local_reuse() -> tuple[float, float]:
+    """(reused, prompt) tokens so far in this process."""
+    reused, prompt = (REGISTRY.get_sample_value(name) or 0.0 for name in REUSE_METRICS)
+    return reused, prompt
+
+
+def server_reuse(base_url: str) -> tuple[float, float]:
+    """(reused, prompt) tokens so far, from the server's /metrics (next to its /v1)."""
+    with urllib.request.urlopen(
+        base_url.rstrip("/").removesuffix("/v1") + "/metrics", timeout=30
+    ) as response:
+        text = response.read().decode()
+    values = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    reused, prompt = (values.get(name, 0.0) for name in REUSE_METRICS)
+    return reused, prompt
+
+
+def since(before: tuple[float, float], after: tuple[float, float]) -> tuple[float, float]:
+    return after[0] - before[0], after[1] - before[1]
 
 
 async def in_process(args: Any, queries: list[list[str]], generator: ChatGLM2Generator) -> dict[str, Any]:
@@ -78,12 +111,14 @@ async def in_process(args: Any, queries: list[list[str]], generator: ChatGLM2Gen
 
     try:
         await timed(service, GenerationRequest(query="warm up", params=GenerationParams(max_new_tokens=2)))
+        before = local_reuse()
         started = time.perf_counter()
         results = await asyncio.gather(*(client(i) for i in range(args.clients)))
         wall = time.perf_counter() - started
+        reuse = since(before, local_reuse())
     finally:
         await service.close()
-    return summary([t for ttfts, _ in results for t in ttfts], sum(n for _, n in results), wall)
+    return summary([t for ttfts, _ in results for t in ttfts], sum(n for _, n in results), wall, reuse)
 
 
 async def over_api(args: Any, base_url: str, queries: list[list[str]]) -> dict[str, Any]:
@@ -134,13 +169,13 @@ async def over_api(args: Any, base_url: str, queries: list[list[str]]) -> dict[s
     timeout = aiohttp.ClientTimeout(total=24 * 3600)
     async with aiohttp.ClientSession(timeout=timeout) as http:
         await ask(http, [{"role": "user", "content": "warm up"}])
+        before = await asyncio.to_thread(server_reuse, base_url)
         started = time.perf_counter()
         results = await asyncio.gather(*(client(http, i) for i in range(args.clients)))
         wall = time.perf_counter() - started
-    return {
-        "url": base_url,
-        **summary([t for ttfts, _ in results for t in ttfts], sum(n for _, n in results), wall),
-    }
+        reuse = since(before, await asyncio.to_thread(server_reuse, base_url))
+    ttfts = [t for each, _ in results for t in each]
+    return {"url": base_url, **summary(ttfts, sum(n for _, n in results), wall, reuse)}
 
 
 @contextmanager
