@@ -343,3 +343,23 @@ def test_text_parts_and_the_developer_role_read_as_plain_text_and_system(api: Ap
     parts = [{"type": "text", "text": "hello "}, {"type": "text", "text": "world"}]
     assert answer([{"role": "developer", "content": "Be kind."}, {"role": "user", "content": parts}]) == plain
     assert answer([{"role": "user", "content": parts}]) != plain  # the system text did count
+
+
+def test_a_non_streamed_request_is_cancelled_when_its_client_leaves(api: ApiProcess) -> None:
+    wait_idle(api)
+    cancelled = api.metric("chatglm_bot_generations_total", result="GenerationCancelled")
+    body = json.dumps({"messages": [USER], "max_tokens": 200}).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", api.port), timeout=10) as sock:
+        sock.sendall(head.encode() + body)
+        deadline = time.monotonic() + 10
+        while json.loads(api.get("/healthz")[2])["in_flight"] == 0:  # until it is decoding
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    deadline = time.monotonic() + 10
+    while api.metric("chatglm_bot_generations_total", result="GenerationCancelled") == cancelled:
+        assert time.monotonic() < deadline, "the generation was not cancelled"
+        time.sleep(0.05)
