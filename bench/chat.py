@@ -6,12 +6,12 @@ weights rarely emit eos; the measured counts are used anyway). TTFT is the time 
 ``service.stream()`` to the first text delta, as a user sees it. Between turns the bench waits, as a
 user writing the next message would, until the inference thread has used its idle time to prefill
 the answer into the kept KV (``idle_extension_s``: how long that took, the median over turns).
-``turn10_full_prefill`` asks turn 10's exact request with no conversation key, so nothing is
+``turn10_full_prefill`` asks turn 10's exact request under a fresh conversation key, so nothing is
 reused. ``prefill`` reports, for the same three requests, the prompt length, the tokens whose KV was
 reused and the prefill seconds (summed over its prefill chunks). A short warm-up request runs
-first. Decode throughput for N conversations: N requests (no conversation key: no KV is kept after
-them) are queued at once, and tokens are counted from the moment the last one streamed its first
-text (all prefills done) until all are done.
+first. Decode throughput for N conversations: N requests (no conversation key: they share at most
+the prompt header with earlier ones) are queued at once, and tokens are counted from the moment the
+last one streamed its first text (all prefills done) until all are done.
 
     python bench/chat.py [--model DIR] [--threads 2] [--turns 10] [--concurrency 1 2 4 8] --json
 """
@@ -121,7 +121,7 @@ async def conversation_ttft(service: ModelService, generator: ChatGLM2Generator,
         request = GenerationRequest(query=text, history=history, params=params, conversation="ttft")
         requests = {f"turn{number}": request}
         if number == args.turns:
-            fresh = GenerationRequest(query=text, history=history, params=params, conversation="")
+            fresh = GenerationRequest(query=text, history=history, params=params, conversation="ttft-fresh")
             requests[f"turn{number}_full_prefill"] = fresh
         answer = ""
         for name, each in requests.items():

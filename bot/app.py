@@ -20,7 +20,7 @@ from bot.config import ConfigError, Settings
 from bot.core import Bot
 from bot.events import Adapter
 from bot.generation import Generator, GeneratorFactory
-from bot.service import ModelService
+from bot.service import ChatService, ModelService
 from storage.repository import Storage
 
 log = logging.getLogger(__name__)
@@ -31,17 +31,20 @@ RETRY_MAX_S = 60.0
 UNREACHABLE = (ConnectionError, OSError, aiohttp.ClientError, TimeoutError)
 
 
-def check_settings(settings: Settings, *, platforms: bool = True) -> None:
+def check_settings(settings: Settings, *, platforms: bool = True, model: bool | None = None) -> None:
     """Fail fast, with one clear line, on what would otherwise fail later and less clearly.
 
     ``platforms``: whether the Slack / Discord settings matter (not for a console chat, which
-    must work in a shell whose environment is set up for ``serve``)."""
+    must work in a shell whose environment is set up for ``serve``). ``model``: whether weights will
+    be loaded (default: unless BOT_BACKEND=openai; ``api`` always loads them)."""
     slack_http = settings.slack_enabled and not settings.slack_socket_mode
     if platforms and slack_http and settings.slack_signing_secret is None:
         raise ConfigError(
             "SLACK_BOT_TOKEN is set but neither SLACK_SIGNING_SECRET (HTTP Events API) "
             "nor SLACK_APP_TOKEN (Socket Mode) is"
         )
+    if not (settings.backend == "local" if model is None else model):
+        return  # BOT_MODEL_PATH may only hold a tokenizer for the openai backend
     path = settings.model_path.strip()
     if not path:
         raise ConfigError(
@@ -93,6 +96,17 @@ def model_factory(settings: Settings) -> GeneratorFactory:
     return load
 
 
+def chat_service(settings: Settings) -> ChatService:
+    """Where answers come from: the in-process engine, or an OpenAI-compatible server."""
+    if settings.backend == "openai":
+        from bot.openai_backend import OpenAIService
+
+        return OpenAIService(settings)
+    return ModelService(
+        model_factory(settings), queue_size=settings.queue_size, timeout_s=settings.request_timeout_s
+    )
+
+
 def platform_adapters(settings: Settings, http_app: web.Application) -> list[Adapter]:
     adapters: list[Adapter] = []
     if settings.slack_enabled:
@@ -117,9 +131,7 @@ async def run(settings: Settings, *, console: Adapter | None = None) -> None:
         lease_s=settings.lease_s,
     )
     log.info("database: %s (replica %s)", storage.location, storage.owner)
-    service = ModelService(
-        model_factory(settings), queue_size=settings.queue_size, timeout_s=settings.request_timeout_s
-    )
+    service = chat_service(settings)
     adapters: list[Adapter] = []
     runner: web.AppRunner | None = None
     bot: Bot | None = None
@@ -133,12 +145,14 @@ async def run(settings: Settings, *, console: Adapter | None = None) -> None:
             runner = await http.start_server(http_app, settings.http_host, settings.http_port)
         if console is None:
             await _check_tokens(settings)
-        log.info("loading the model from %s", settings.model_path)
+        if isinstance(service, ModelService):
+            log.info("loading the model from %s", settings.model_path)
         if not await stopping.unless_stopped(service.start()):
             log.info("stopped before the model finished loading")
             return
         _check_context(settings, service.max_context_tokens)
-        _export_model_metrics(settings, service.generator)
+        if isinstance(service, ModelService):
+            _export_model_metrics(settings, service.generator)
         bot = Bot(settings, storage, service)
         supervisor = _Supervisor(bot)
         for adapter in adapters:
@@ -288,7 +302,7 @@ class _Supervisor:
 
 
 async def _health(
-    service: ModelService, storage: Storage, bot: Bot | None, supervisor: _Supervisor | None
+    service: ChatService, storage: Storage, bot: Bot | None, supervisor: _Supervisor | None
 ) -> dict[str, object]:
     database = "ok" if await storage.ping() else "down"
     states = supervisor.states if supervisor is not None else {}
@@ -355,7 +369,7 @@ async def _prune_forever(settings: Settings, storage: Storage) -> None:
 
 
 async def _shutdown(
-    adapters: Sequence[Adapter], runner: web.AppRunner | None, service: ModelService, storage: Storage
+    adapters: Sequence[Adapter], runner: web.AppRunner | None, service: ChatService, storage: Storage
 ) -> None:
     for adapter in adapters:
         try:

@@ -1,4 +1,4 @@
-"""Command line: ``chatglm-bot serve | chat | run | generate | doctor | backup | discord-sync``."""
+"""Command line: ``chatglm-bot serve | chat | api | run | generate | doctor | backup | discord-sync``."""
 
 from __future__ import annotations
 
@@ -43,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--session", default="local", help="conversation name (default: local)")
     chat.set_defaults(func=_chat)
 
+    api = sub.add_parser("api", help="serve the model as an OpenAI-compatible API (/v1/chat/completions)")
+    api.add_argument("--host", help="address to listen on (default BOT_API_HOST, 127.0.0.1)")
+    api.add_argument("--port", type=int, help="port to listen on (default BOT_API_PORT, 8000)")
+    api.set_defaults(func=_api)
+
     run = sub.add_parser("run", help="serve when a platform is configured, else chat")
     run.set_defaults(func=_run, session="local")
 
@@ -84,13 +89,13 @@ def load_settings(*, warn: bool = True) -> Settings:
         raise ConfigError(f"{name}: {message}") from None
 
 
-def _prepare(*, quiet: bool = False) -> Settings:
+def _prepare(*, quiet: bool = False, platforms: bool | None = None, model: bool | None = None) -> Settings:
     from bot.app import check_settings
 
     settings = load_settings()
     level = "WARNING" if quiet and settings.log_level == "INFO" else settings.log_level
     logs.configure(level, secret_values(settings))
-    check_settings(settings, platforms=not quiet)
+    check_settings(settings, platforms=not quiet if platforms is None else platforms, model=model)
     return settings
 
 
@@ -103,6 +108,16 @@ def _serve(args: argparse.Namespace) -> int:
             "no platform is configured: set SLACK_BOT_TOKEN or DISCORD_BOT_TOKEN (or use 'chat')"
         )
     asyncio.run(run(settings))
+    return 0
+
+
+def _api(args: argparse.Namespace) -> int:
+    from bot.api.server import run
+
+    settings = _prepare(platforms=False, model=True)  # the API serves the local engine, whatever BOT_BACKEND
+    host = settings.api_host if args.host is None else args.host
+    port = settings.api_port if args.port is None else args.port
+    asyncio.run(run(settings, host, port))
     return 0
 
 

@@ -89,6 +89,18 @@ class Settings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = Field(8080, ge=0, le=65535)
 
+    # The OpenAI-compatible API server (`chatglm-bot api`)
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8000, ge=0, le=65535)
+    api_key: SecretStr | None = Field(None, description="clients must send it as a bearer token")
+
+    # Where answers come from: the in-process engine, or an OpenAI-compatible server
+    backend: Literal["local", "openai"] = "local"
+    openai_base_url: str = Field("", description="e.g. http://gpu-box:8000/v1")
+    openai_api_key: SecretStr | None = None
+    openai_model: str = ""
+    openai_concurrency: int = Field(8, ge=1, description="streams open at once to the backend")
+
     # Access control
     access_denied_mode: DeniedMode = DeniedMode.REFUSE
     slack_allowed_users: IdList = frozenset()
@@ -149,7 +161,7 @@ class Settings(BaseSettings):
         return value.strip().upper() if isinstance(value, str) else value
 
     # Choices are case-insensitive everywhere (BOT_DEVICE=CPU works).
-    @field_validator("model_dtype", "device", "int4_kernel", "access_denied_mode", mode="before")
+    @field_validator("model_dtype", "device", "int4_kernel", "access_denied_mode", "backend", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value
@@ -161,6 +173,16 @@ class Settings(BaseSettings):
                 f"BOT_MAX_NEW_TOKENS ({self.max_new_tokens}) must be below "
                 f"BOT_MAX_CONTEXT_TOKENS ({self.max_context_tokens})"
             )
+        if self.backend == "openai":
+            if not self.openai_base_url.strip():
+                raise ValueError(
+                    "BOT_BACKEND=openai needs BOT_OPENAI_BASE_URL (the server's /v1 URL, "
+                    "e.g. http://gpu-box:8000/v1)"
+                )
+            if not self.openai_model.strip():
+                raise ValueError(
+                    "BOT_BACKEND=openai needs BOT_OPENAI_MODEL (a name the server's /v1/models lists)"
+                )
         return self
 
     @property
@@ -193,8 +215,10 @@ def secret_values(settings: Settings) -> list[str]:
         settings.slack_signing_secret,
         settings.slack_app_token,
         settings.discord_bot_token,
+        settings.api_key,
+        settings.openai_api_key,
     )
-    return [field.get_secret_value() for field in fields if field is not None]
+    return [field.get_secret_value() for field in fields if field is not None and field.get_secret_value()]
 
 
 # Read where they are used, before any Settings exist (the native kernel's build wait).

@@ -34,7 +34,7 @@ from bot.events import (
 )
 from bot.generation import GenerationParams, GenerationRequest, Turn
 from bot.sanitize import clean_text
-from bot.service import ModelService, ServiceError
+from bot.service import ChatService, ServiceError
 from bot.store import NOT_ANSWERED, ClaimResult, EventStatus, FinalKind, LostClaim, Store, StoredEvent
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ class Bot:
         self,
         settings: Settings,
         storage: Store,
-        service: ModelService,
+        service: ChatService,
         clock: Callable[[], float] = time.monotonic,  # paces streamed edits; tests pass a fake
     ) -> None:
         self._clock = clock

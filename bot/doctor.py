@@ -49,10 +49,11 @@ def run(settings: Settings, out: Callable[[str], None] = print) -> int:
 
 async def _all(settings: Settings, out: Callable[[str], None]) -> list[Check]:
     checks: list[Check] = []
+    local = settings.backend == "local"
     for check in (
         _python(),
-        _kernel(settings),
-        _checkpoint(settings),
+        *((_kernel(settings), _checkpoint(settings)) if local else ()),
+        await _backend(settings),
         await _database(settings),
         *await _platforms(settings),
         _http_port(settings),
@@ -60,6 +61,43 @@ async def _all(settings: Settings, out: Callable[[str], None]) -> list[Check]:
         checks.append(check)
         out(check.line())
     return checks
+
+
+async def _backend(settings: Settings) -> Check:
+    """BOT_BACKEND=openai: whether the server answers GET /models and lists BOT_OPENAI_MODEL."""
+    if settings.backend == "local":
+        return Check("ok", "backend", "local: the in-process engine loads BOT_MODEL_PATH")
+    base = settings.openai_base_url.strip().rstrip("/")
+    key = settings.openai_api_key
+    headers = {"Authorization": f"Bearer {key.get_secret_value()}"} if key is not None else {}
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT_S)) as http,
+            http.get(f"{base}/models", headers=headers) as response,
+        ):
+            status = response.status
+            body = await response.json(content_type=None) if status == 200 else None
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        return Check(
+            "problem", "backend", f"{base}/models unreachable ({type(exc).__name__})", "start the server"
+        )
+    if status in (401, 403):
+        return Check(
+            "problem", "backend", f"{base}/models answered HTTP {status}", "check BOT_OPENAI_API_KEY"
+        )
+    data = body.get("data") if isinstance(body, dict) else None
+    if status != 200 or not isinstance(data, list):
+        return Check("problem", "backend", f"{base}/models answered HTTP {status}, not a model list")
+    names = [str(model.get("id")) for model in data if isinstance(model, dict)]
+    if settings.openai_model not in names:
+        return Check(
+            "problem",
+            "backend",
+            f"{base} does not list BOT_OPENAI_MODEL={settings.openai_model} "
+            f"(it lists {', '.join(names) or 'none'})",
+            "set BOT_OPENAI_MODEL to one of them",
+        )
+    return Check("ok", "backend", f"{base} serves {settings.openai_model}")
 
 
 def _python() -> Check:

@@ -39,6 +39,8 @@ class GenerationResult:
     prompt_tokens: int
     new_tokens: int
     stopped: bool = False  # should_stop() ended it early
+    hit_limit: bool = False  # ended at max_new_tokens or the context limit, not at eos
+    reused_tokens: int = 0  # prompt tokens whose KV a prefix cache supplied
 
 
 class Generator(Protocol):

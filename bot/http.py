@@ -34,8 +34,16 @@ def create_app(health: HealthCheck) -> web.Application:
     return app
 
 
-async def start_server(app: web.Application, host: str, port: int) -> web.AppRunner:
-    runner = web.AppRunner(app, access_log=None)
+async def start_server(
+    app: web.Application,
+    host: str,
+    port: int,
+    *,
+    setting: str = "BOT_HTTP",
+    handler_cancellation: bool = False,
+) -> web.AppRunner:
+    """Listen on ``host:port``; a failure is one ConfigError naming ``{setting}_HOST`` / ``_PORT``."""
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=handler_cancellation)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:
@@ -44,10 +52,10 @@ async def start_server(app: web.Application, host: str, port: int) -> web.AppRun
         await runner.cleanup()
         # One line naming the setting, before the model loads, instead of a traceback after it.
         if isinstance(exc, socket.gaierror):
-            raise ConfigError(f"BOT_HTTP_HOST: {host!r} does not resolve ({exc.strerror})") from None
+            raise ConfigError(f"{setting}_HOST: {host!r} does not resolve ({exc.strerror})") from None
         raise ConfigError(
-            f"BOT_HTTP_PORT: cannot listen on {host}:{port} ({exc.strerror}); stop what uses it or "
-            "set BOT_HTTP_PORT"
+            f"{setting}_PORT: cannot listen on {host}:{port} ({exc.strerror}); stop what uses it or "
+            f"set {setting}_PORT"
         ) from None
     log.info("HTTP server listening on %s:%d", host, port)
     return runner

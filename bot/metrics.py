@@ -25,4 +25,8 @@ PLATFORM_API_ERRORS = Counter(
 )
 PREFIX_CACHE_BYTES = Gauge("chatglm_bot_prefix_cache_bytes", "Memory held by kept conversation KV caches")
 PREFIX_CACHE_ENTRIES = Gauge("chatglm_bot_prefix_cache_entries", "Conversations whose KV cache is kept")
+PROMPT_TOKENS = Counter("chatglm_bot_prompt_tokens", "Prompt tokens of finished generations")
+PREFIX_REUSED_TOKENS = Counter(
+    "chatglm_bot_prefix_reused_tokens", "Prompt tokens whose KV came from the prefix cache (not prefilled)"
+)
 MODEL_INFO = Info("chatglm_bot_model", "The loaded model: checkpoint, dtype, device and int4 kernel")

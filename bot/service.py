@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from bot import metrics
 from bot.generation import (
@@ -56,6 +57,42 @@ class GenerationCancelled(ServiceError):
 class GenerationFailed(ServiceError):
     def __init__(self) -> None:
         super().__init__("The model failed to produce an answer.")
+
+
+class TextStream(Protocol):
+    """Text deltas of one answer (``async for``); ``result`` is set once they are exhausted, and
+    ``cancel()`` stops the generation (iterating then raises ``GenerationCancelled``)."""
+
+    result: GenerationResult | None
+
+    def cancel(self) -> None: ...
+
+    def __aiter__(self) -> AsyncIterator[str]: ...
+
+
+class ChatService(Protocol):
+    """What the bot's core needs from a model: ``ModelService`` (in-process) or ``OpenAIService`` (any
+    OpenAI-compatible server). ``stream`` raises ``ServiceBusy`` at once when its queue is full; the
+    others report through the stream as ``ServiceError``s."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    @property
+    def max_context_tokens(self) -> int: ...
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def prompt_tokens(self, query: str, history: Sequence[Turn]) -> int: ...
+
+    @property
+    def queue_depth(self) -> int: ...
+
+    @property
+    def in_flight(self) -> int: ...
+
+    def stream(self, request: GenerationRequest) -> TextStream: ...
 
 
 _TEXT, _DONE, _ERROR = "text", "done", "error"
@@ -345,6 +382,8 @@ class ModelService:
 
     def _complete(self, job: _Job, result: GenerationResult) -> None:
         metrics.TOKENS.inc(result.new_tokens)
+        metrics.PROMPT_TOKENS.inc(result.prompt_tokens)
+        metrics.PREFIX_REUSED_TOKENS.inc(result.reused_tokens)
         if job.cancelled.is_set():
             self._end(job, GenerationCancelled())
         elif job.timed_out():

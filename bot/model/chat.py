@@ -16,7 +16,10 @@ Each chunk reads the weights once more, which is small next to its compute (~2-5
 Prefix reuse: when a turn of a conversation ends, its row's KV is copied into a ``PrefixCache`` keyed
 by ``GenerationRequest.conversation``. The next turn copies back the longest common prefix of the
 cached ids and its prompt ids (KV at position t depends only on ids 0..t) and prefills only the rest;
-a trimmed or edited history simply shares less (often only ``[gMASK] sop [Round 1]``). Only KV that a
+a trimmed or edited history simply shares less (often only ``[gMASK] sop [Round 1]``). A request
+without a conversation key (the stateless API) reuses the anonymous entry with the longest common
+token prefix, leaving it for others, and its own KV is kept under a new anonymous key; the entry it
+fully extended is dropped then, so a conversation resent turn after turn keeps one entry. Only KV that a
 prefill computed is kept, never a decode step's (``decode_attention`` is a different routine).
 In float32 the result equals a full re-prefill up to reduction order (greedy ids equal in the tests);
 in bfloat16 the attention of a split prefill can differ from a full one in the last bit, as with any
@@ -127,6 +130,7 @@ class ChatState:
     rng: torch.Generator | None
     reused: int  # prompt tokens whose KV came from the prefix cache
     decoder: StreamDecoder
+    source: tuple[str, CachedPrefix] | None = None  # the anonymous entry this prompt fully extends
     prefilled: int = 0  # prompt slots whose KV is in the row (reused ones included)
     logits: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # raw [V] for the next token
     first_logits: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # float32, of the prefill
@@ -255,9 +259,16 @@ class ChatGLM2Generator:
         if params.seed is not None:
             rng = torch.Generator(device=self.model.device).manual_seed(params.seed)
         cached = None
+        source = None
         if request.conversation:
             cached = self.prefix_cache.take(request.conversation)
             self._extensions.pop(request.conversation, None)
+        else:
+            match = self.prefix_cache.longest_match(prompt)
+            if match is not None:
+                cached = match[1]
+                if common_prefix_length(cached.ids, prompt) == len(cached.ids):
+                    source = match
         started = time.perf_counter()
         reused = 0
         if cached is not None:
@@ -275,6 +286,7 @@ class ChatGLM2Generator:
             rng=rng,
             reused=reused,
             decoder=self.tokenizer.stream_decoder(),
+            source=source,
             prefilled=reused,
         )
         try:
@@ -283,7 +295,7 @@ class ChatGLM2Generator:
             state.prefill_s = time.perf_counter() - started
             self._prefill_next(state)
         except BaseException:
-            if cached is not None:
+            if cached is not None and request.conversation:  # an anonymous entry was never taken
                 self.prefix_cache.put(request.conversation, cached)
             raise
         self._rows[row] = state
@@ -326,7 +338,7 @@ class ChatGLM2Generator:
             tail = own.streamer.push(own.decoder.flush()) + own.streamer.finish()
             if tail:
                 own.on_text(tail)
-            if own.request.conversation and self.prefix_cache.max_bytes > 0:
+            if self.prefix_cache.max_bytes > 0:
                 self._keep_prefix(own)
         finally:
             own.released = True
@@ -340,6 +352,8 @@ class ChatGLM2Generator:
             prompt_tokens=len(own.prompt_ids),
             new_tokens=len(tokens) - eos,
             stopped=own.stopped,
+            hit_limit=not (eos or own.stopped) and len(tokens) >= own.budget,
+            reused_tokens=own.reused,
         )
 
     def idle_step(self) -> bool:
@@ -471,10 +485,15 @@ class ChatGLM2Generator:
         """Store the row's KV for the conversation's next turn and note what ``idle_step`` should add
         to it (an optimisation: failures are logged)."""
         ids = state.prompt_ids[: state.prefilled]  # prefill-computed KV only
-        conversation = state.request.conversation
+        conversation = state.request.conversation or self.prefix_cache.new_anonymous_key()
         try:
             kv = self.model.read_kv(state.row, len(ids))
             self.prefix_cache.put(conversation, CachedPrefix(tuple(ids), kv))
+            if state.source is not None:  # superseded: every prompt it served shares as much with ids
+                source_key, source_entry = state.source
+                self.prefix_cache.discard(source_key, source_entry)
+                if source_key not in self.prefix_cache:
+                    self._extensions.pop(source_key, None)
             if state.stopped or state.error is not None or len(ids) < len(state.prompt_ids):
                 return
             target = self.tokenizer.encode(next_turn_text(state.request, state.streamer.text))

@@ -30,6 +30,14 @@ def generator(request: pytest.FixtureRequest) -> ChatGLM2Generator:
     return ChatGLM2Generator.load(tiny_dir(kind), dtype=dtype, device="cpu", max_batch_size=4)
 
 
+@pytest.fixture(autouse=True)
+def no_shared_prefixes(generator: ChatGLM2Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests compare batched decoding with running alone: a request without a conversation key
+    must not reuse an earlier one's KV here (bfloat16 split prefills may differ in the last bit; that
+    reuse is tested in test_prefix_cache.py)."""
+    monkeypatch.setattr(generator.prefix_cache, "longest_match", lambda ids: None)
+
+
 def requests() -> list[GenerationRequest]:
     sampled = GenerationParams(max_new_tokens=9, temperature=0.8, top_p=0.8, top_k=50, seed=7)
     return [

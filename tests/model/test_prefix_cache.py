@@ -266,3 +266,45 @@ def test_a_failing_idle_chunk_keeps_the_kept_kv_and_drops_the_work(
     assert cached.pending_idle_work == 0 and "extending a conversation's kept KV failed" in caplog.text
     kept = cached.prefix_cache.take("c7")
     assert kept is not None and kept.ids == tuple(state.prompt_ids)
+
+
+def test_anonymous_entries_are_found_by_the_longest_token_prefix() -> None:
+    cache = PrefixCache(1 << 20)
+    short, long = CachedPrefix((1, 2), entry(2).kv), CachedPrefix((1, 2, 3, 4), entry(4).kv)
+    cache.put("conversation", CachedPrefix((1, 2, 3, 4, 5), entry(5).kv))  # keyed: never matched
+    short_key, long_key = cache.new_anonymous_key(), cache.new_anonymous_key()
+    assert short_key != long_key and not short_key.startswith("conversation")
+    cache.put(short_key, short)
+    cache.put(long_key, long)
+    assert cache.longest_match((1, 2, 3, 9)) == (long_key, long)
+    assert cache.longest_match((1, 2, 7)) in ((short_key, short), (long_key, long))
+    assert cache.longest_match((8,)) is None
+    assert len(cache) == 3  # matching leaves the entries in place
+    cache.discard(long_key, short)  # not the entry it holds: kept
+    assert long_key in cache
+    cache.discard(long_key, long)
+    assert long_key not in cache and cache.longest_match((1, 2, 3)) == (short_key, short)
+
+
+def test_a_request_without_a_key_reuses_the_prompt_it_extends(
+    pair: tuple[ChatGLM2Generator, ChatGLM2Generator],
+) -> None:
+    """The stateless API's case: each request resends the whole conversation, without a key."""
+    cached, plain = pair
+    before = len(cached.prefix_cache)
+    history: tuple[Turn, ...] = ()
+    for number, query in enumerate(QUERIES[:3]):
+        request = GenerationRequest(query=query, history=history, params=GREEDY)
+        state, text = turn(cached, request)
+        reference, reference_text = turn(plain, request)
+        assert (state.tokens, text) == (reference.tokens, reference_text)
+        if number:  # all but this turn's query (and the re-canonicalised answer's end)
+            assert state.reused >= len(state.prompt_ids) - cached.count_tokens(query) - 6
+        history = (*history, (query, text))
+    assert len(cached.prefix_cache) == before + 1  # each turn superseded the entry it extended
+    # Another conversation sharing only the prompt header reuses that much and leaves the entry.
+    state, _ = turn(cached, GenerationRequest(query=QUERIES[3], params=GREEDY))
+    header = len(state.prompt_ids) - cached.count_tokens(QUERIES[3])
+    assert 0 < state.reused < header and len(cached.prefix_cache) == before + 2
+    for key in [key for key in list(cached.prefix_cache._entries) if key.startswith("\x00")]:
+        cached.prefix_cache.take(key)

@@ -1,0 +1,1 @@
+"""``chatglm-bot api``: the native engine behind an OpenAI-compatible HTTP API."""
