@@ -356,11 +356,11 @@ class Bot:
     async def _wait_turn(self, work: _Work) -> None:
         """Until every earlier message of the conversation is answered (arrival order)."""
         while True:
-            ahead = await self._storage.first_unanswered_before(work.event)
+            ahead = await self._storage.nearest_unanswered_before(work.event)
             if ahead is None:
                 return
             mine = self._work.get(ahead.id)
-            if mine is not None:
+            if mine is not None:  # it waits for those before it: one poller per chain, not per message
                 await mine.answered.wait()
             else:  # another replica's, or one the next sweep takes over
                 await asyncio.sleep(TURN_POLL_S)
@@ -594,16 +594,29 @@ class Bot:
         return datetime.now(UTC) - timedelta(seconds=self._settings.recover_window_s)
 
     async def _maintain(self) -> None:
-        """The heartbeat (leases) and the sweep (dead replicas' events, expired ones)."""
+        """The heartbeat (leases) and, beside it so a long sweep never delays a renewal, the
+        sweep (dead replicas' events, expired ones)."""
         every = min(self._settings.lease_s / 3, 5.0)
-        while True:
-            await asyncio.sleep(every)
-            try:
-                await self._storage.renew_leases()
-                await self._storage.expire_events(self._window_start())
-                await self.recover()
-            except Exception:
-                log.exception("the delivery sweep failed; retrying")
+        sweep: asyncio.Task[None] | None = None
+        try:
+            while True:
+                await asyncio.sleep(every)
+                try:
+                    await self._storage.renew_leases()
+                except Exception:
+                    log.exception("renewing the leases failed; retrying")
+                if sweep is None or sweep.done():
+                    sweep = asyncio.create_task(self._sweep(), name="delivery-sweep")
+        finally:
+            if sweep is not None:
+                sweep.cancel()
+
+    async def _sweep(self) -> None:
+        try:
+            await self._storage.expire_events(self._window_start())
+            await self.recover()
+        except Exception:
+            log.exception("the delivery sweep failed; retrying")
 
     @staticmethod
     async def _safe_fail(reply: ReplyHandle, reason: str) -> None:

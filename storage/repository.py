@@ -250,10 +250,11 @@ class Storage:
     # -- events: the delivery state machine ------------------------------------------------------
 
     @_uncancellable
-    async def first_unanswered_before(self, event: StoredEvent) -> StoredEvent | None:
-        """The oldest event of ``event``'s conversation that arrived before it and is not answered
-        yet: the conversation's order says it goes first. (Events too old to be resumed stop
-        counting once ``expire_events`` has given them up.)"""
+    async def nearest_unanswered_before(self, event: StoredEvent) -> StoredEvent | None:
+        """The latest event of ``event``'s conversation that arrived before it and is not answered
+        yet (None: it is the conversation's turn). Waiting on the nearest one, not the oldest, lets
+        a process's queued messages wait on each other instead of all polling the same blocker.
+        (Events too old to be resumed stop counting once ``expire_events`` has given them up.)"""
         async with self._read() as session:
             row = await session.scalar(
                 select(ProcessedEvent)
@@ -262,7 +263,7 @@ class Storage:
                     ProcessedEvent.id < event.id,
                     ProcessedEvent.status.in_([status.value for status in NOT_ANSWERED]),
                 )
-                .order_by(ProcessedEvent.id)
+                .order_by(ProcessedEvent.id.desc())
                 .limit(1)
             )
             return _stored(row) if row is not None else None

@@ -61,14 +61,17 @@ async def test_arrival_order_is_the_order_of_recording(storage: Storage) -> None
     events = [await _record(storage, f"Ev{n}") for n in range(5)]
     assert [event.id for event in events] == sorted(event.id for event in events)
     # The conversation's order: each event waits for the oldest earlier one not answered yet.
-    assert await storage.first_unanswered_before(events[0]) is None
-    blocker = await storage.first_unanswered_before(events[3])
-    assert blocker is not None and blocker.event_id == "Ev0"
-    assert await storage.save_final(events[0], "done", FinalKind.TEXT)
-    blocker = await storage.first_unanswered_before(events[3])
+    assert await storage.nearest_unanswered_before(events[0]) is None
+    blocker = await storage.nearest_unanswered_before(events[3])
+    assert blocker is not None and blocker.event_id == "Ev2"
+    assert await storage.save_final(events[2], "done", FinalKind.TEXT)
+    blocker = await storage.nearest_unanswered_before(events[3])
     assert blocker is not None and blocker.event_id == "Ev1"
+    for event in events[:2]:
+        assert await storage.set_status(event, EventStatus.SKIPPED)
+    assert await storage.nearest_unanswered_before(events[3]) is None
     other = await _record(storage, "elsewhere", "slack:C2")
-    assert await storage.first_unanswered_before(other) is None
+    assert await storage.nearest_unanswered_before(other) is None
 
 
 async def test_a_restarted_replica_takes_over_its_predecessor_s_events_at_once(
@@ -159,7 +162,7 @@ async def test_orphans_are_every_unfinished_state_in_the_window_oldest_first(
     state = await restarted.event_state("slack", "old")
     assert state is not None and state.status is EventStatus.FAILED
     taken = await restarted.take_over(orphans[0])
-    assert taken is not None and await restarted.first_unanswered_before(taken) is None
+    assert taken is not None and await restarted.nearest_unanswered_before(taken) is None
 
 
 async def test_concurrent_take_overs_have_one_winner(storage: Storage, open_storage: OpenStorage) -> None:

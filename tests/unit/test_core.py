@@ -449,7 +449,7 @@ class ResetRecorder:
         )  # fmt: skip
         return Claim(ClaimResult.NEW, event)
 
-    async def first_unanswered_before(self, event: StoredEvent) -> None:
+    async def nearest_unanswered_before(self, event: StoredEvent) -> None:
         return None
 
     async def has_history(self, channel: ChannelRef) -> bool:
