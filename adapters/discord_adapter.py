@@ -168,7 +168,11 @@ class DiscordAdapter:
             await interaction.response.defer(thinking=True, ephemeral=ephemeral)
 
         reply = InteractionReply(
-            interaction.followup, ephemeral=ephemeral, defer=defer, where=_interaction_where(message.raw)
+            interaction.followup,
+            ephemeral=ephemeral,
+            defer=defer,
+            where=_interaction_where(message.raw),
+            interaction_id=message.event_id,
         )
         await core.submit(message, reply)
 
