@@ -205,6 +205,10 @@ class FakeSlack:
             message.text = params["text"]
             message.edits.append(params["text"])
             return {"ok": True, "channel": message.channel, "ts": message.ts, "text": message.text}
+        if method == "chat.delete":
+            if self.messages.pop((params["channel"], params["ts"]), None) is None:
+                return {"ok": False, "error": "message_not_found"}
+            return {"ok": True, "channel": params["channel"], "ts": params["ts"]}
         return {"ok": False, "error": "unknown_method"}
 
     async def _respond(self, request: web.Request) -> web.Response:

@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 import urllib.parse
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from adapters import slack_adapter, slack_reply
 from adapters.slack_adapter import SLASH_COMMAND, SlackAdapter
+from adapters.slack_events import to_message
 from adapters.slack_reply import MESSAGE_BYTES, PLACEHOLDER, escape
 from bot import core, metrics
 from bot.config import ConfigError
@@ -504,6 +506,43 @@ async def test_stop_leaves_an_answer_in_flight_resumable_and_the_next_start_fini
         assert answer.ts == placeholder.ts  # the same message, edited: nothing posted twice
         assert len(fake.calls_to("chat.postMessage")) == 1
         await settled(restarted.stack.storage, body["event_id"], "delivered")
+
+
+async def test_reply_for_a_stored_handle_edits_its_messages_and_deletes_the_extra_ones(
+    tmp_path: Path, fake: FakeSlack
+) -> None:
+    """What a restart resumes: an earlier run showed a long partial answer in three messages."""
+    async with slack_rig(tmp_path, fake) as rig:
+        thread_ts = new_ts()
+        shown = [await post_in(rig, "C1", thread_ts, f"earlier part {i}") for i in range(3)]
+        question = to_message(
+            event_body(mention("again", channel="C1", ts=thread_ts)), BOT_USER_ID, {}, thread_followups=True
+        )
+        assert question is not None
+        reply = rig.adapter.reply_for(question, {"channel": "C1", "thread_ts": thread_ts, "ts": shown})
+        assert reply is not None and reply.handle == {"channel": "C1", "thread_ts": thread_ts, "ts": shown}
+        posts = len(fake.calls_to("chat.postMessage"))
+        await reply.begin()  # the stored messages are the placeholder
+        await reply.finish("the whole answer, short")
+        assert [(m.ts, m.text) for m in fake.thread("C1", thread_ts)] == [
+            (shown[0], "the whole answer, short")
+        ]
+        assert len(fake.calls_to("chat.postMessage")) == posts  # nothing posted anew
+        assert [c.params["ts"] for c in fake.calls_to("chat.delete")] == [shown[2], shown[1]]
+        assert reply.handle == {"channel": "C1", "thread_ts": thread_ts, "ts": shown[:1]}
+
+        # Without a handle nothing was shown yet: begin() posts the placeholder in the thread.
+        fresh = rig.adapter.reply_for(question, None)
+        assert fresh is not None and fresh.handle is None
+        # A slash command's ephemeral answer (response_url) cannot be resumed.
+        ephemeral = replace(question, raw={**question.raw, "ephemeral": True})
+        assert rig.adapter.reply_for(ephemeral, None) is None
+
+
+async def post_in(rig: SlackRig, channel: str, thread_ts: str, text: str) -> str:
+    """A bot message in the thread, posted as an earlier run would have."""
+    posted = await rig.adapter._client.chat_postMessage(channel=channel, thread_ts=thread_ts, text=text)
+    return str(posted["ts"])
 
 
 # --- slash command ------------------------------------------------------------------------------
