@@ -745,7 +745,11 @@ async def test_a_transient_refusal_of_the_final_text_is_retried_until_delivered(
 ) -> None:
     monkeypatch.setattr(core, "DELIVERY_FIRST_RETRY_S", 0.01)
     # One whole attempt's tries (the client's own retries included) fail, then Slack is back.
-    outage = (503, {"ok": False, "error": "service_unavailable"}, {})
+    outage: tuple[int, dict[str, Any], dict[str, str]] = (
+        503,
+        {"ok": False, "error": "service_unavailable"},
+        {},
+    )
     fake.failures["chat.update"] = [outage] * (slack_reply.MAX_RETRIES + 1)
     async with slack_rig(tmp_path, fake, edit_interval=1.0) as rig:  # only the final edit
         event = mention("outage")
