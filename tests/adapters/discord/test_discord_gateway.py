@@ -200,3 +200,37 @@ async def test_a_resumed_expired_interaction_edits_its_channel_message_again(
         await again.finish("the whole answer")
     posted = [p for p in fake.posted.values() if p.channel_id == channel and not p.deleted]
     assert [p.content for p in posted] == ["> user asked: too late\nthe whole answer"]
+
+
+async def test_reply_for_a_stored_handle_edits_the_same_messages(
+    fake: FakeDiscord, running: StartRunning
+) -> None:
+    """What a restart resumes: an earlier run showed a long partial answer to a mention in two messages."""
+    channel = fake.add_channel()
+    question = await fake.user_message(channel, f"<@{BOT_ID}> long one", mentions=(BOT_ID,))
+    shown = [
+        fake._post(
+            channel,
+            {"content": f"part {i}", "message_reference": {"message_id": str(question)}},
+            kind="channel",
+        )
+        for i in range(2)
+    ]
+    message = IncomingMessage(
+        event_id=str(question),
+        channel=ChannelRef("discord", str(channel)),
+        author_id="1001",
+        author_name="user1001",
+        text="long one",
+        raw={"kind": "message", "channel_id": str(channel), "message_id": str(question)},
+    )
+    handle = {"kind": "message", "channel_id": str(channel), "ids": [str(p.id) for p in shown]}
+    async with running() as (adapter, _):
+        reply = adapter.reply_for(message, handle)
+        assert reply is not None and reply.handle == handle
+        await reply.begin()  # the stored messages are the placeholder: nothing is sent
+        await reply.finish("the whole answer")
+    assert [(r.id, r.content) for r in fake.replies_to(question)] == [(shown[0].id, "the whole answer")]
+    assert shown[1].deleted
+    assert not [call for call in fake.calls if call.method == "POST" and call.path.endswith("/messages")]
+    assert reply.handle == {**handle, "ids": [str(shown[0].id)]}
