@@ -210,7 +210,7 @@ async def test_autocomplete_gets_no_suggestions_and_logs_nothing(
     assert generator.requests == []
 
 
-async def test_a_replayed_or_expired_interaction_logs_one_line_without_traceback(
+async def test_a_replayed_interaction_is_dropped_and_an_expired_one_warns_without_traceback(
     fake: FakeDiscord, running: StartRunning, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="bot.core")
