@@ -33,26 +33,39 @@ class ConsoleReply(BaseReply):
         self._out = out
         self._printed = ""
         self._question = question
+        self._opened = False
 
     async def begin(self) -> None:
-        if self._question is not None:
-            self._out.write(f"\n(an answer interrupted last time) you> {self._question}\n")
-        self._out.write("bot> ")
+        self._open()
         self._out.flush()
 
     async def update(self, text: str) -> None:
+        self._open()
         self._write_new(text)
 
     async def finish(self, text: str) -> None:
+        # A command's answer (help, reset, a refusal) is finished without a begin() first.
+        self._open()
         self._write_new(text)
         self._out.write("\n")
         self._out.flush()
 
     async def fail(self, reason: str) -> None:
-        if not self._printed:
-            self._out.write("\r")
-        self._out.write(f"\n[{reason}]\n" if self._printed else f"bot> [{reason}]\n")
+        if not self._opened:
+            self._open()
+        elif not self._printed:
+            self._out.write("\rbot> ")  # over the placeholder prompt
+        self._out.write(f"\n[{reason}]\n" if self._printed else f"[{reason}]\n")
         self._out.flush()
+
+    def _open(self) -> None:
+        """The answer's ``bot> `` prompt (after its question, for a recovered answer), once."""
+        if self._opened:
+            return
+        self._opened = True
+        if self._question is not None:
+            self._out.write(f"\n(an answer interrupted last time) you> {self._question}\n")
+        self._out.write("bot> ")
 
     def _write_new(self, text: str) -> None:
         if text.startswith(self._printed):

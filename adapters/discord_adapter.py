@@ -125,7 +125,9 @@ class DiscordAdapter:
                     # The token has expired (or is about to): a new message in the channel.
                     channel = client.get_partial_messageable(int(raw["channel_id"]))
                     quote = f"> {message.author_name} asked: {message.text}"[:1000] + "\n"
-                    return MessageReply(channel, None, quote=quote)
+                    # Once shown (a "message" handle), the same channel message is edited again.
+                    shown = ids if handle is not None and handle.get("kind") == "message" else None
+                    return MessageReply(channel, None, message_ids=shown, quote=quote)
                 webhook = _interaction_webhook(client, int(raw["application_id"]), str(raw["token"]))
                 return InteractionReply(
                     webhook,
@@ -168,7 +170,11 @@ class DiscordAdapter:
             await interaction.response.defer(thinking=True, ephemeral=ephemeral)
 
         reply = InteractionReply(
-            interaction.followup, ephemeral=ephemeral, defer=defer, where=_interaction_where(message.raw)
+            interaction.followup,
+            ephemeral=ephemeral,
+            defer=defer,
+            where=_interaction_where(message.raw),
+            interaction_id=message.event_id,
         )
         await core.submit(message, reply)
 

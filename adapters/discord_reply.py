@@ -28,6 +28,11 @@ PLACEHOLDER: Final = "…"  # Discord rejects empty messages; shown until the fi
 # Discord's path name for an interaction's first response. discord.py formats a message id into
 # the URL as given, so the name stands in for the (unknown) id of the deferred response.
 ORIGINAL: Final = cast(int, "@original")
+# An interaction that can no longer be answered: its token expired (not deferred within 3 seconds)
+# or it was answered already.
+UNKNOWN_INTERACTION: Final = 10062
+ALREADY_ACKNOWLEDGED: Final = 40060
+EXPIRED_INTERACTION: Final = "the Discord interaction has expired"
 
 
 def delivery_error(exc: Exception) -> DeliveryError:
@@ -41,6 +46,16 @@ def delivery_error(exc: Exception) -> DeliveryError:
 
 
 RETRYABLE = (discord.HTTPException, aiohttp.ClientError, OSError, TimeoutError)
+
+
+def unanswerable(error: BaseException) -> bool:
+    """A replayed interaction (already responded to) or one whose token has expired."""
+    if isinstance(error, discord.InteractionResponded):
+        return True
+    return isinstance(error, discord.HTTPException) and error.code in (
+        UNKNOWN_INTERACTION,
+        ALREADY_ACKNOWLEDGED,
+    )
 
 
 class DiscordReply(ABC):
@@ -147,9 +162,12 @@ class InteractionReply(DiscordReply):
         defer: Callable[[], Awaitable[Any]] | None = None,
         where: dict[str, Any] | None = None,
         message_ids: list[int] | None = None,
+        interaction_id: str = "?",
     ) -> None:
         ids = message_ids or [ORIGINAL]
         super().__init__(ids, [""] * len(ids))
+        self._id = interaction_id  # for the log
+        self._expired = False
         self._webhook = webhook
         self._ephemeral = ephemeral
         self._defer = defer
@@ -161,10 +179,32 @@ class InteractionReply(DiscordReply):
     async def accept(self) -> None:
         if self._defer is not None:
             defer, self._defer = self._defer, None
-            await defer()
+            try:
+                await defer()
+            except (discord.InteractionResponded, discord.HTTPException) as exc:
+                if not unanswerable(exc):
+                    raise
+                # Discord has told the user the application did not respond; nothing can be shown.
+                log.warning("Discord: interaction %s was already answered or has expired (%s)", self._id, exc)
+                self._expired = True
 
     async def begin(self) -> None:
         """The deferred response is the placeholder."""
+
+    async def update(self, text: str) -> None:
+        if not self._expired:
+            await super().update(text)
+
+    async def finish(self, text: str) -> None:
+        if self._expired:
+            raise DeliveryError(EXPIRED_INTERACTION, transient=False)
+        await super().finish(text)
+
+    async def fail(self, reason: str) -> None:
+        if self._expired:  # no note can reach the user either: the warning above is all there is
+            self.ended = True
+            return
+        await super().fail(reason)
 
     async def _send(self, content: str) -> int:
         message = await self._webhook.send(

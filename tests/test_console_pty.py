@@ -104,9 +104,11 @@ async def test_a_recovered_answer_is_shown_with_its_question() -> None:
     out = io.StringIO()
     console = ConsoleAdapter(session="s1", stdin=io.StringIO(""), stdout=out)
     message = IncomingMessage("e1", ChannelRef("console", "s1"), "me", "me", "what was that?")
-    reply = console.reply_for(message)
+    # A terminal has no message to edit: whatever handle was stored, the answer is printed anew.
+    reply = console.reply_for(message, None)
     assert reply is not None
     await reply.begin()
     await reply.finish("this")
     assert out.getvalue() == "\n(an answer interrupted last time) you> what was that?\nbot> this\n"
-    assert console.reply_for(IncomingMessage("e2", ChannelRef("console", "other"), "me", "me", "x")) is None
+    other = IncomingMessage("e2", ChannelRef("console", "other"), "me", "me", "x")
+    assert console.reply_for(other, None) is None

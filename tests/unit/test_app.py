@@ -1,13 +1,17 @@
 import asyncio
 import socket
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 
 from bot import app
 from bot.config import ConfigError
-from bot.events import IncomingMessage, PlatformUnreachable
+from bot.core import Bot
+from bot.events import ChannelRef, Core, IncomingMessage, PlatformUnreachable, message_to_dict
+from bot.service import ModelService
+from storage.repository import Storage
 from tests.support import RecordingReply, ScriptedGenerator, make_settings
 
 
@@ -43,6 +47,8 @@ async def test_serve_exposes_health_and_metrics_and_shuts_down(
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+    # The replica id defaults to this host and the HTTP port, plus a fresh incarnation.
+    assert health.pop("replica").startswith(f"{socket.gethostname()}:{port}#")
     assert health == {
         "status": "ok",
         "model": "loaded",
@@ -65,33 +71,51 @@ async def test_console_run_recovers_and_ends_with_the_chat(
     monkeypatch.setattr(app, "model_factory", lambda settings: lambda: gen)
     settings = make_settings(tmp_path)
     seen: list[IncomingMessage] = []
+    recovered: list[tuple[IncomingMessage, dict[str, Any] | None, RecordingReply]] = []
 
     class Console:
         platform = "console"
 
-        async def start(self, handler):  # type: ignore[no-untyped-def]
+        async def start(self, core: Core) -> None:
             self.reply = RecordingReply()
-            self.task = asyncio.create_task(handler(_message(), self.reply))
+            self.task = asyncio.create_task(core.handle(_message(), self.reply))
 
         async def closed(self) -> None:
             await self.task
+            # "hi" waited for the earlier message's turn, so that one was recovered and answered first.
+            assert recovered and recovered[0][2].done.is_set()
 
         async def stop(self) -> None:
             seen.append(_message())
 
-        def reply_for(self, message: IncomingMessage) -> None:
-            return None
+        async def resolve(self, message: IncomingMessage) -> IncomingMessage:
+            return message
+
+        def reply_for(self, message: IncomingMessage, handle: dict[str, Any] | None) -> RecordingReply:
+            reply = RecordingReply()
+            recovered.append((message, handle, reply))
+            return reply
 
     console = Console()
+    # An earlier run of this console (the same replica id) recorded a message and died unanswered.
+    earlier = await Storage.open(settings.database_url, replica_id=app.replica_id(settings, console))
+    try:
+        await earlier.record_event(
+            "console", "e0", "console:local", message_to_dict(_message("e0", "earlier question"))
+        )
+    finally:
+        await earlier.close()
+
     await asyncio.wait_for(app.run(settings, console=console), 10)
-    assert console.reply.final == ("finish", "Answer 1 to: hi")
+    assert console.reply.final == ("finish", "Answer 2 to: hi")  # after the recovered turn
+    [(message, handle, reply)] = recovered
+    assert (message.event_id, message.text, handle) == ("e0", "earlier question", None)
+    assert reply.final == ("finish", "Answer 1 to: earlier question")
     assert len(seen) == 1  # stop() was called on the way out
 
 
-def _message() -> IncomingMessage:
-    from bot.events import ChannelRef
-
-    return IncomingMessage("e1", ChannelRef("console", "local"), "u", "u", "hi")
+def _message(event_id: str = "e1", text: str = "hi") -> IncomingMessage:
+    return IncomingMessage(event_id, ChannelRef("console", "local"), "u", "u", text)
 
 
 @pytest.mark.parametrize(
@@ -157,6 +181,7 @@ async def test_health_and_metrics_answer_while_the_model_is_still_loading(
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+    assert starting[1].pop("replica").startswith(f"{socket.gethostname()}:{port}#")
     assert starting == (503, {"status": "starting", "model": "loading", "database": "ok", "adapters": {}})
     assert metrics_status == 200
     assert ready["status"] == "ok"
@@ -184,7 +209,7 @@ class Flaky:
         self.starts = 0
         self.running = asyncio.Event()
 
-    async def start(self, handler: object) -> None:
+    async def start(self, core: object) -> None:
         self.starts += 1
         if self.errors:
             raise self.errors.pop(0)
@@ -193,7 +218,10 @@ class Flaky:
     async def stop(self) -> None:
         pass
 
-    def reply_for(self, message: IncomingMessage) -> None:
+    async def resolve(self, message: IncomingMessage) -> IncomingMessage:
+        return message
+
+    def reply_for(self, message: IncomingMessage, handle: dict[str, Any] | None) -> None:
         return None
 
 
@@ -226,20 +254,52 @@ async def test_credentials_rejected_on_a_retry_stop_the_bot(
 
 
 async def test_health_is_degraded_when_the_database_does_not_answer(tmp_path: Path) -> None:
-    from bot.service import ModelService
-    from storage.repository import Storage
-
     storage = await Storage.open(f"sqlite:///{tmp_path / 'bot.db'}")
     service = ModelService(lambda: ScriptedGenerator())
+    bot = Bot(make_settings(tmp_path), storage, service)
+    supervisor = app._Supervisor(bot)
+    supervisor.states["discord"] = "connected"
     try:
         assert await storage.ping()
-        assert (await app._health(service, storage, True, {"discord": "connected"}))["status"] == "ok"
+        assert (await app._health(service, storage, bot, supervisor))["status"] == "ok"
 
         class Unanswering:
+            owner = "elsewhere#1"
+
             async def ping(self) -> bool:
                 return False
 
-        report = await app._health(service, Unanswering(), True, {})  # type: ignore[arg-type]
+        report = await app._health(service, Unanswering(), bot, supervisor)  # type: ignore[arg-type]
     finally:
         await storage.close()
     assert report["status"] == "degraded" and report["database"] == "down"
+    assert report["replica"] == "elsewhere#1"
+
+
+async def test_health_says_stopping_while_the_bot_drains(tmp_path: Path) -> None:
+    storage = await Storage.open(f"sqlite:///{tmp_path / 'bot.db'}", replica_id="here")
+    service = ModelService(lambda: ScriptedGenerator())
+    bot = Bot(make_settings(tmp_path), storage, service)
+    supervisor = app._Supervisor(bot)
+    try:
+        before = await app._health(service, storage, bot, supervisor)
+        await bot.drain(0.1)
+        after = await app._health(service, storage, bot, supervisor)
+    finally:
+        await storage.close()
+    assert before["status"] == "ok"
+    assert after == {
+        "status": "stopping",
+        "model": "loaded",
+        "database": "ok",
+        "adapters": {},
+        "replica": storage.owner,
+    }
+    assert storage.owner.startswith("here#")
+
+
+def test_the_replica_id_is_the_setting_or_this_host_and_port(tmp_path: Path) -> None:
+    host = socket.gethostname()
+    assert app.replica_id(make_settings(tmp_path, http_port=8123), None) == f"{host}:8123"
+    assert app.replica_id(make_settings(tmp_path), Flaky()) == f"{host}:console"
+    assert app.replica_id(make_settings(tmp_path, replica_id="blue-1"), None) == "blue-1"

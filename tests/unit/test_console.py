@@ -19,7 +19,8 @@ async def chat(tmp_path: Path, lines: str, generator: ScriptedGenerator | None =
 async def test_console_chat_streams_commands_and_quits(tmp_path: Path) -> None:
     output = await chat(tmp_path, "hello there\nhelp\nreset\nagain\nquit\nnever read\n")
     assert "bot> Answer 1 to: hello there\n" in output
-    assert HELP_TEXT in output and RESET_TEXT in output
+    # A command's answer is finished without a placeholder first, yet shown after the prompt too.
+    assert f"you> bot> {HELP_TEXT}\n" in output and f"you> bot> {RESET_TEXT}\n" in output
     assert "bot> Answer 1 to: again\n" in output  # history was reset
     assert "never read" not in output
 
@@ -65,6 +66,22 @@ def test_reply_prints_only_new_text() -> None:
 
     asyncio.run(run())
     assert out.getvalue() == "bot> Hello, world\n"
+
+
+def test_a_reply_finished_or_failed_without_begin_still_shows_its_prompt() -> None:
+    finished, failed, interrupted = io.StringIO(), io.StringIO(), io.StringIO()
+
+    async def run() -> None:
+        await ConsoleReply(finished, "what was that?").finish("this")
+        await ConsoleReply(failed).fail("The answer was cancelled.")
+        placeholder = ConsoleReply(interrupted)
+        await placeholder.begin()
+        await placeholder.fail("The answer was cancelled.")
+
+    asyncio.run(run())
+    assert finished.getvalue() == "\n(an answer interrupted last time) you> what was that?\nbot> this\n"
+    assert failed.getvalue() == "bot> [The answer was cancelled.]\n"
+    assert interrupted.getvalue() == "bot> \rbot> [The answer was cancelled.]\n"
 
 
 class _LineFeed:

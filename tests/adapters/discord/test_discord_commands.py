@@ -210,23 +210,30 @@ async def test_autocomplete_gets_no_suggestions_and_logs_nothing(
     assert generator.requests == []
 
 
-async def test_a_replayed_or_expired_interaction_logs_one_line_without_traceback(
+async def test_a_replayed_interaction_is_dropped_and_an_expired_one_warns_without_traceback(
     fake: FakeDiscord, running: StartRunning, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="bot.core")
     channel = fake.add_channel()
     generator = ScriptedGenerator()
-    async with running(generator):
+
+    def dropped() -> bool:
+        return any("duplicate discord event" in record.getMessage() for record in caplog.records)
+
+    async with running(generator) as (_, stack):
         token = await ask(fake, channel, "once", "Answer 1 to: once")
-        await fake.replay(fake.interactions[token])  # Discord answers 40060: already acknowledged
-        await fake.wait_for(lambda: logged(caplog))
-        [(level, message, traceback)] = logged(caplog)
-        assert (level, traceback) == (logging.WARNING, False)
-        assert "already answered or has expired" in message
-        caplog.clear()
-        late = await fake.slash_command("reset", channel, expired=True)  # 10062: unknown interaction
-        await fake.wait_for(lambda: logged(caplog))
-        [(level, message, traceback)] = logged(caplog)
-        assert (level, traceback) == (logging.WARNING, False)
-        assert str(late.id) in message
+        # A replay has the same interaction id: recorded once, so it is dropped before any defer.
+        await fake.replay(fake.interactions[token])
+        await fake.wait_for(dropped)
+        assert logged(caplog) == []
+        late = await fake.slash_command("ask", channel, options={"prompt": "too late"}, expired=True)
+        await fake.wait_for(lambda: len(logged(caplog)) == 2)  # 10062 on the defer: unknown interaction
+        [(level, message, traceback), (core_level, core_message, core_traceback)] = logged(caplog)
+        assert (level, traceback) == (core_level, core_traceback) == (logging.WARNING, False)
+        assert "already answered or has expired" in message and str(late.id) in message
+        assert "the Discord interaction has expired" in core_message
+        event = await stack.storage.event_state("discord", str(late.id))
+        assert event is not None and event.status == "failed"
     assert fake.answer_text(token) == "Answer 1 to: once"
-    assert [request.query for request in generator.requests] == ["once"]
+    assert fake.answer_text(late.token) is None  # nothing was sent through the dead token
+    assert [request.query for request in generator.requests] == ["once", "too late"]

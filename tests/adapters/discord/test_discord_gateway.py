@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -10,8 +9,9 @@ import discord
 import pytest
 
 from adapters.discord_adapter import DiscordAdapter
+from adapters.discord_reply import MessageReply
 from bot.config import ConfigError
-from bot.events import ChannelRef, IncomingMessage, Outcome, PlatformUnreachable, ReplyHandle, message_to_dict
+from bot.events import ChannelRef, IncomingMessage, PlatformUnreachable
 from tests.adapters.discord.conftest import StartRunning, discord_settings
 from tests.adapters.discord.fake_discord import BOT_ID, MESSAGE_CONTENT_INTENT, FakeDiscord
 from tests.support import ScriptedGenerator, bot_stack, start_adapter
@@ -102,55 +102,65 @@ async def test_an_unreachable_gateway_is_a_clear_start_error(fake: FakeDiscord, 
 
 
 async def test_unanswered_messages_are_answered_after_a_restart(fake: FakeDiscord, tmp_path: Path) -> None:
-    """A process that claimed a mention and a command, then died, leaves both to the next one."""
+    """A process stopped mid-answer leaves a command and a mention resumable, with no note: the next
+    start finishes both in the messages already shown (no second defer, no second message)."""
     channel, other = fake.add_channel(), fake.add_channel()
     settings = discord_settings(fake)
-    claimed: list[IncomingMessage] = []
+    slow = ScriptedGenerator(lambda request: f"{request.query}: {WORDS} {WORDS}", token_delay=0.05)
 
-    async with bot_stack(tmp_path, **settings) as first:
-
-        async def dies_mid_answer(message: IncomingMessage, reply: ReplyHandle) -> Outcome:
-            await first.storage.claim_event("discord", message.event_id, message_to_dict(message))
-            claimed.append(message)
-            await asyncio.Event().wait()  # the process is killed while answering
-            raise AssertionError("unreachable")
-
-        adapter = DiscordAdapter(first.settings, drain_timeout=0, guild_ready_timeout=0.05)
-        await adapter.start(dies_mid_answer)
+    async with bot_stack(tmp_path, slow, **settings) as first:
+        adapter = DiscordAdapter(first.settings, guild_ready_timeout=0.05)
+        await start_adapter(first.bot, adapter)
         try:
-            interaction = await fake.slash_command("ask", channel, options={"prompt": "before the crash"})
+            interaction = await fake.slash_command("ask", channel, options={"prompt": "before the stop"})
             mention = await fake.user_message(other, f"<@{BOT_ID}> also before", mentions=(BOT_ID,))
-            await fake.wait_for(lambda: len(claimed) == 2)
+            await fake.wait_for(
+                lambda: interaction.token in fake.originals and fake.originals[interaction.token].edits
+            )
+            await fake.wait_for(lambda: fake.replies_to(mention))  # its placeholder, queued behind
+            await first.bot.drain(0)  # the deploy's grace is over
         finally:
             await adapter.stop()
+    partial = fake.answer_text(interaction.token)
+    [placeholder] = fake.replies_to(mention)
+    assert partial and f"before the stop: {WORDS} {WORDS}".startswith(partial) and partial != "…"
+    assert "cancelled" not in placeholder.content
 
     async with bot_stack(tmp_path, **settings) as second:
         adapter = DiscordAdapter(second.settings, guild_ready_timeout=0.05)
         await start_adapter(second.bot, adapter)
         try:
-            assert await second.bot.recover({"discord": adapter}) == 2
-            await fake.wait_for(
-                lambda: fake.answer_text(interaction.token) == "Answer 1 to: before the crash"
-            )
+            assert await second.bot.start() == 2
+            await fake.wait_for(lambda: fake.answer_text(interaction.token) == "Answer 1 to: before the stop")
             await fake.wait_for(
                 lambda: [r.content for r in fake.replies_to(mention)] == ["Answer 1 to: also before"]
             )
         finally:
             await adapter.stop()
+    assert [r.id for r in fake.replies_to(mention)] == [placeholder.id]  # edited, not posted again
+    assert fake.followups(interaction.token) == []
+    assert len([call for call in fake.calls if call.path.endswith("/callback")]) == 1
+    queries = sorted(request.query for request in second.generator.requests)
+    assert queries == ["also before", "before the stop"]
 
 
-async def test_an_expired_interaction_cannot_be_answered_after_a_restart(
-    fake: FakeDiscord, running: StartRunning
-) -> None:
+def _expired_interaction(channel: int, text: str = "too late") -> IncomingMessage:
     issued = datetime.now(UTC) - timedelta(minutes=16)
-    message = IncomingMessage(
+    return IncomingMessage(
         event_id=str(discord.utils.time_snowflake(issued)),
-        channel=ChannelRef("discord", "1"),
+        channel=ChannelRef("discord", str(channel)),
         author_id="1001",
         author_name="user",
-        text="too late",
-        raw={"kind": "interaction", "application_id": "1", "token": "expired"},
+        text=text,
+        raw={"kind": "interaction", "application_id": "1", "token": "expired", "channel_id": str(channel)},
     )
+
+
+async def test_an_expired_interaction_is_answered_by_one_channel_message_quoting_it(
+    fake: FakeDiscord, running: StartRunning
+) -> None:
+    channel = fake.add_channel()
+    message = _expired_interaction(channel)
     unreadable = IncomingMessage(
         event_id="1",
         channel=ChannelRef("discord", "1"),
@@ -160,5 +170,67 @@ async def test_an_expired_interaction_cannot_be_answered_after_a_restart(
         raw={"kind": "message", "channel_id": "not a number"},
     )
     async with running() as (adapter, _):
-        assert adapter.reply_for(message) is None
-        assert adapter.reply_for(unreadable) is None
+        # Stored while the token was alive: the deferred response, which cannot be edited any more.
+        reply = adapter.reply_for(message, {"kind": "interaction", "ids": ["@original"]})
+        assert isinstance(reply, MessageReply)
+        await reply.begin()
+        await reply.finish("the answer")
+        assert adapter.reply_for(unreadable, None) is None
+    [posted] = [p for p in fake.posted.values() if p.channel_id == channel and not p.deleted]
+    assert (posted.kind, posted.reference) == ("channel", None)
+    assert posted.content == "> user asked: too late\nthe answer"
+    assert reply.handle == {"kind": "message", "channel_id": str(channel), "ids": [str(posted.id)]}
+    assert not [call for call in fake.calls if call.path.startswith(("/webhooks", "/interactions"))]
+
+
+async def test_a_resumed_expired_interaction_edits_its_channel_message_again(
+    fake: FakeDiscord, running: StartRunning
+) -> None:
+    """The fallback message's handle is stored; a later restart edits that message, not a new one."""
+    channel = fake.add_channel()
+    message = _expired_interaction(channel)
+    async with running() as (adapter, _):
+        first = adapter.reply_for(message, None)
+        assert first is not None
+        await first.begin()
+        await first.update("half")  # the process dies here
+        again = adapter.reply_for(message, first.handle)
+        assert again is not None
+        await again.begin()
+        await again.finish("the whole answer")
+    posted = [p for p in fake.posted.values() if p.channel_id == channel and not p.deleted]
+    assert [p.content for p in posted] == ["> user asked: too late\nthe whole answer"]
+
+
+async def test_reply_for_a_stored_handle_edits_the_same_messages(
+    fake: FakeDiscord, running: StartRunning
+) -> None:
+    """What a restart resumes: an earlier run showed a long partial answer to a mention in two messages."""
+    channel = fake.add_channel()
+    question = await fake.user_message(channel, f"<@{BOT_ID}> long one", mentions=(BOT_ID,))
+    shown = [
+        fake._post(
+            channel,
+            {"content": f"part {i}", "message_reference": {"message_id": str(question)}},
+            kind="channel",
+        )
+        for i in range(2)
+    ]
+    message = IncomingMessage(
+        event_id=str(question),
+        channel=ChannelRef("discord", str(channel)),
+        author_id="1001",
+        author_name="user1001",
+        text="long one",
+        raw={"kind": "message", "channel_id": str(channel), "message_id": str(question)},
+    )
+    handle = {"kind": "message", "channel_id": str(channel), "ids": [str(p.id) for p in shown]}
+    async with running() as (adapter, _):
+        reply = adapter.reply_for(message, handle)
+        assert reply is not None and reply.handle == handle
+        await reply.begin()  # the stored messages are the placeholder: nothing is sent
+        await reply.finish("the whole answer")
+    assert [(r.id, r.content) for r in fake.replies_to(question)] == [(shown[0].id, "the whole answer")]
+    assert shown[1].deleted
+    assert not [call for call in fake.calls if call.method == "POST" and call.path.endswith("/messages")]
+    assert reply.handle == {**handle, "ids": [str(shown[0].id)]}

@@ -11,6 +11,7 @@ import pytest
 
 from adapters.discord_events import strip_mention
 from adapters.discord_reply import PLACEHOLDER, DiscordReply
+from bot.events import DeliveryError
 
 
 @pytest.mark.parametrize(
@@ -28,17 +29,30 @@ def test_strip_mention(content: str, expected: str) -> None:
     assert strip_mention(content, 42, role_id=7) == expected
 
 
+def http_error(status: int, text: str) -> discord.HTTPException:
+    # HTTPException reads only the response's status and reason.
+    response = cast(aiohttp.ClientResponse, SimpleNamespace(status=status, reason="reason"))
+    if status == 404:
+        return discord.NotFound(response, text)
+    return discord.HTTPException(response, text)
+
+
 class RecordingReply(DiscordReply):
     """A chain over an in-memory channel; ``broken_edits`` makes that many edits fail first."""
 
-    def __init__(self, broken_edits: int = 0) -> None:
-        super().__init__([], [])
-        self.messages: dict[int, str] = {}
+    def __init__(self, broken_edits: int = 0, message_ids: list[int] | None = None) -> None:
+        """``message_ids``: the chain an earlier run showed (a resumed reply, as ``reply_for`` builds)."""
+        ids = list(message_ids or [])
+        super().__init__(ids, [""] * len(ids))
+        self.messages: dict[int, str] = {message_id: "(earlier run)" for message_id in ids}
         self.ops: list[str] = []
         self.broken_edits = broken_edits
 
+    def _where(self) -> dict[str, str]:
+        return {"kind": "message", "channel_id": "9"}
+
     async def _send(self, content: str) -> int:
-        message_id = len(self.messages) + 1
+        message_id = max(self.messages, default=0) + 1
         self.messages[message_id] = content
         self.ops.append(f"send {message_id}")
         return message_id
@@ -46,9 +60,7 @@ class RecordingReply(DiscordReply):
     async def _edit(self, message_id: int, content: str) -> None:
         if self.broken_edits:
             self.broken_edits -= 1
-            # HTTPException reads only the response's status and reason.
-            response = cast(aiohttp.ClientResponse, SimpleNamespace(status=503, reason="Service Unavailable"))
-            raise discord.HTTPException(response, "down")
+            raise http_error(503, "down")
         self.messages[message_id] = content
         self.ops.append(f"edit {message_id}")
 
@@ -119,3 +131,65 @@ async def test_withdraw_removes_an_unanswered_placeholder_but_not_an_answer() ->
     await answered.finish("done")
     await answered.withdraw()
     assert answered.messages == {1: "done"}
+
+
+async def test_the_handle_names_the_chain_as_it_grows_and_shrinks() -> None:
+    reply = RecordingReply()
+    assert reply.handle == {"kind": "message", "channel_id": "9", "ids": []}
+    await reply.begin()
+    await reply.update("x " * 2500)
+    assert reply.handle == {"kind": "message", "channel_id": "9", "ids": ["1", "2", "3"]}
+    await reply.finish("short")
+    assert reply.handle == {"kind": "message", "channel_id": "9", "ids": ["1"]}
+
+
+async def test_a_resumed_reply_edits_the_stored_messages_and_posts_nothing_new() -> None:
+    reply = RecordingReply(message_ids=[7, 8])
+    await reply.begin()  # the earlier run's messages are the placeholder: nothing is sent
+    await reply.update("the new")
+    await reply.finish("the new answer")
+    assert reply.ops == ["edit 7", "delete 8", "edit 7"]  # no send: the same messages
+    assert reply.messages == {7: "the new answer"}
+    assert reply.handle == {"kind": "message", "channel_id": "9", "ids": ["7"]}
+
+
+async def test_a_resumed_reply_whose_extra_message_is_already_gone_still_finishes() -> None:
+    class Gone(RecordingReply):
+        async def _delete(self, message_id: int) -> None:
+            raise http_error(404, "Unknown Message")
+
+    reply = Gone(message_ids=[7, 8])
+    await reply.finish("short")
+    assert reply.ended and reply.handle is not None and reply.handle["ids"] == ["7"]
+
+
+@pytest.mark.parametrize(
+    ("status", "transient"), [(500, True), (502, True), (503, True), (429, True), (404, False), (403, False)]
+)
+async def test_a_refused_final_text_raises_a_delivery_error_transient_only_for_5xx_and_429(
+    status: int, transient: bool
+) -> None:
+    class Refusing(RecordingReply):
+        async def _edit(self, message_id: int, content: str) -> None:
+            raise http_error(status, "refused")
+
+    reply = Refusing()
+    await reply.begin()
+    with pytest.raises(DeliveryError) as finished:
+        await reply.finish("the answer")
+    assert finished.value.transient is transient
+    assert f"HTTP {status}" in finished.value.reason
+    assert not reply.ended
+    with pytest.raises(DeliveryError) as failed:
+        await reply.fail("a note")
+    assert failed.value.transient is transient
+
+
+async def test_no_response_from_discord_is_a_transient_delivery_error() -> None:
+    class Unreachable(RecordingReply):
+        async def _send(self, content: str) -> int:
+            raise aiohttp.ClientConnectionError("reset by peer")
+
+    with pytest.raises(DeliveryError, match="no response from Discord: ClientConnectionError") as error:
+        await Unreachable().finish("the answer")
+    assert error.value.transient

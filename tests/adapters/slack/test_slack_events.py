@@ -23,7 +23,8 @@ def test_top_level_mention_starts_a_thread_on_the_mention() -> None:
     assert msg.channel == ChannelRef("slack", "C7", "1.5")
     assert (msg.text, msg.author_id, msg.author_name) == ("hello", "U1", "Alice")
     assert msg.command is None and not msg.followup_only and not msg.is_direct
-    assert dict(msg.raw) == {"channel": "C7", "thread_ts": "1.5", "ts": "1.5"}
+    # source_text keeps the Slack markup: resolve() redoes the text with looked-up names.
+    assert dict(msg.raw) == {"channel": "C7", "thread_ts": "1.5", "ts": "1.5", "source_text": "<@UBOT> hello"}
 
 
 def test_mention_inside_a_thread_joins_that_thread() -> None:

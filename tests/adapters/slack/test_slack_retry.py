@@ -103,16 +103,45 @@ async def test_retry_after_is_honoured_and_capped(
 
 
 @pytest.mark.parametrize(
-    ("status", "data", "reason"),
+    ("status", "data", "reason", "transient"),
     [
-        (200, {"ok": False, "error": "msg_too_long"}, "error: msg_too_long"),
-        (500, {"ok": False}, "HTTP 500, no error code"),
-        (502, "Bad Gateway", "HTTP 502, non-JSON body"),
-        (500, {}, "HTTP 500, non-JSON body"),  # what the SDK keeps of an HTML page
+        (200, {"ok": False, "error": "msg_too_long"}, "error: msg_too_long", False),
+        (500, {"ok": False}, "HTTP 500, no error code", True),
+        (502, "Bad Gateway", "HTTP 502, non-JSON body", True),
+        (500, {}, "HTTP 500, non-JSON body", True),  # what the SDK keeps of an HTML page
+        (429, {"ok": False, "error": "ratelimited"}, "HTTP 429, error: ratelimited", True),
+        (200, {"ok": False, "error": "ratelimited"}, "error: ratelimited", True),
+        (404, {"ok": False, "error": "channel_not_found"}, "HTTP 404, error: channel_not_found", False),
     ],
 )
-async def test_failures_are_named_by_status_and_error_code(status: int, data: object, reason: str) -> None:
+async def test_failures_are_named_by_status_and_error_code(
+    status: int, data: object, reason: str, transient: bool
+) -> None:
     async def refused() -> None:
         raise SlackApiError("refused", SimpleNamespace(status_code=status, data=data))  # type: ignore[no-untyped-call]
 
-    assert await slack_reply.try_slack("chat.update", refused()) == slack_reply.SlackFailure(reason)
+    failure = await slack_reply.try_slack("chat.update", refused())
+    assert failure == slack_reply.SlackFailure(reason, transient=transient)
+    # What the core's delivery retry sees: transient ones are retried, the others given up at once.
+    assert isinstance(failure, slack_reply.SlackFailure)
+    error = failure.error()
+    assert (error.reason, error.transient, error.retry_after) == (reason, transient, None)
+
+
+async def test_a_refusal_carries_slacks_retry_after_to_the_core() -> None:
+    async def limited() -> None:
+        headers = {"Retry-After": "7"}
+        data = {"ok": False, "error": "ratelimited"}
+        raise SlackApiError("limited", SimpleNamespace(status_code=429, data=data, headers=headers))  # type: ignore[no-untyped-call]
+
+    failure = await slack_reply.try_slack("chat.update", limited())
+    assert isinstance(failure, slack_reply.SlackFailure)
+    assert (failure.transient, failure.error().retry_after) == (True, 7.0)
+
+
+async def test_no_response_at_all_is_transient() -> None:
+    async def dropped() -> None:
+        raise aiohttp.ServerDisconnectedError()
+
+    failure = await slack_reply.try_slack("chat.update", dropped())
+    assert failure == slack_reply.SlackFailure("no response: ServerDisconnectedError", transient=True)

@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 import urllib.parse
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,13 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from adapters import slack_adapter, slack_reply
 from adapters.slack_adapter import SLASH_COMMAND, SlackAdapter
+from adapters.slack_events import to_message
 from adapters.slack_reply import MESSAGE_BYTES, PLACEHOLDER, escape
-from bot import metrics
+from bot import core, metrics
 from bot.config import ConfigError
 from bot.events import ChannelRef, PlatformUnreachable
 from bot.generation import GenerationRequest
+from storage.repository import Storage, StoredEvent
 from tests.adapters.slack.fake_slack import (
     BOT_TOKEN,
     BOT_USER_ID,
@@ -65,6 +68,16 @@ async def deliver(rig: SlackRig, body: dict[str, object], retry: int = 0) -> Non
     else:
         envelope_id, _ = await rig.fake.send_envelope(body, retry_attempt=retry)
         await rig.fake.wait_ack(envelope_id)
+
+
+async def settled(storage: Storage, event_id: str, status: str) -> StoredEvent:
+    """The Slack event's stored state once it has ``status`` (set just after the platform's answer)."""
+    for _ in range(250):
+        state = await storage.event_state("slack", event_id)
+        if state is not None and state.status == status:
+            return state
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"event {event_id} is {state.status if state else 'not recorded'}, not {status}")
 
 
 def answers_to(generator: ScriptedGenerator, query: str) -> int:
@@ -466,19 +479,70 @@ async def test_acks_stay_fast_while_a_long_generation_runs(
         await fake.wait_for(lambda: all(answered(fake, e["channel"], e["ts"], "done") for e in events))
 
 
-async def test_stop_cancels_answers_in_flight_with_a_note(tmp_path: Path, fake: FakeSlack) -> None:
+async def test_stop_leaves_an_answer_in_flight_resumable_and_the_next_start_finishes_it_in_place(
+    tmp_path: Path, fake: FakeSlack
+) -> None:
     release = threading.Event()
     generator = ScriptedGenerator(lambda request: "never shown" if release.wait(30) else "")
     async with slack_rig(tmp_path, fake, generator) as rig:
         event = mention("cut short")
-        await deliver(rig, event_body(event))
+        body = event_body(event)
+        await deliver(rig, body)
         assert await asyncio.to_thread(generator.started.wait, 10)
         try:
-            await asyncio.wait_for(rig.adapter.stop(), 5)
+            await asyncio.wait_for(rig.stack.bot.drain(0), 5)  # the shutdown grace is over
         finally:
             release.set()  # lets the inference thread go, so the model service can close
-        [note] = fake.thread_text("C1", event["ts"])
-        assert note.startswith(":warning:") and "cancelled" in note
+        # No "cancelled" note: the answer is left for the next start.
+        [placeholder] = fake.thread("C1", event["ts"])
+        assert placeholder.text == PLACEHOLDER
+        state = await rig.stack.storage.event_state("slack", body["event_id"])
+        assert state is not None and state.status == "generating"
+
+    async with slack_rig(tmp_path, fake) as restarted:
+        assert await restarted.stack.bot.start() == 1
+        await fake.wait_for(lambda: answered(fake, "C1", event["ts"], "Answer 1 to: cut short"))
+        [answer] = fake.thread("C1", event["ts"])
+        assert answer.ts == placeholder.ts  # the same message, edited: nothing posted twice
+        assert len(fake.calls_to("chat.postMessage")) == 1
+        await settled(restarted.stack.storage, body["event_id"], "delivered")
+
+
+async def test_reply_for_a_stored_handle_edits_its_messages_and_deletes_the_extra_ones(
+    tmp_path: Path, fake: FakeSlack
+) -> None:
+    """What a restart resumes: an earlier run showed a long partial answer in three messages."""
+    async with slack_rig(tmp_path, fake) as rig:
+        thread_ts = new_ts()
+        shown = [await post_in(rig, "C1", thread_ts, f"earlier part {i}") for i in range(3)]
+        question = to_message(
+            event_body(mention("again", channel="C1", ts=thread_ts)), BOT_USER_ID, {}, thread_followups=True
+        )
+        assert question is not None
+        reply = rig.adapter.reply_for(question, {"channel": "C1", "thread_ts": thread_ts, "ts": shown})
+        assert reply is not None and reply.handle == {"channel": "C1", "thread_ts": thread_ts, "ts": shown}
+        posts = len(fake.calls_to("chat.postMessage"))
+        await reply.begin()  # the stored messages are the placeholder
+        await reply.finish("the whole answer, short")
+        assert [(m.ts, m.text) for m in fake.thread("C1", thread_ts)] == [
+            (shown[0], "the whole answer, short")
+        ]
+        assert len(fake.calls_to("chat.postMessage")) == posts  # nothing posted anew
+        assert [c.params["ts"] for c in fake.calls_to("chat.delete")] == [shown[2], shown[1]]
+        assert reply.handle == {"channel": "C1", "thread_ts": thread_ts, "ts": shown[:1]}
+
+        # Without a handle nothing was shown yet: begin() posts the placeholder in the thread.
+        fresh = rig.adapter.reply_for(question, None)
+        assert fresh is not None and fresh.handle is None
+        # A slash command's ephemeral answer (response_url) cannot be resumed.
+        ephemeral = replace(question, raw={**question.raw, "ephemeral": True})
+        assert rig.adapter.reply_for(ephemeral, None) is None
+
+
+async def post_in(rig: SlackRig, channel: str, thread_ts: str, text: str) -> str:
+    """A bot message in the thread, posted as an earlier run would have."""
+    posted = await rig.adapter._client.chat_postMessage(channel=channel, thread_ts=thread_ts, text=text)
+    return str(posted["ts"])
 
 
 # --- slash command ------------------------------------------------------------------------------
@@ -580,20 +644,24 @@ async def test_web_api_errors_are_logged_without_tokens_and_the_bot_goes_on(
         assert secret not in caplog.text
 
 
-async def test_a_refused_final_edit_leaves_a_truthful_note(tmp_path: Path, fake: FakeSlack) -> None:
+async def test_a_refused_final_edit_gives_exactly_one_could_not_show_note(
+    tmp_path: Path, fake: FakeSlack
+) -> None:
     fake.failures["chat.update"] = [(200, {"ok": False, "error": "msg_too_long"}, {})] * 50
     # An interval longer than the answer takes: no streamed edit, only the final one.
     async with slack_rig(tmp_path, fake, edit_interval=1.0) as rig:
         event = mention("uneditable")
-        await deliver(rig, event_body(event))
+        body = event_body(event)
+        await deliver(rig, body)
         await fake.wait_for(lambda: len(fake.thread("C1", event["ts"])) == 2)
+        fake.failures["chat.update"].clear()
+        await barrier(rig)  # nothing more (a retry, a second note) was on its way
         placeholder, note = fake.thread_text("C1", event["ts"])
         assert placeholder == PLACEHOLDER
-        assert (
-            note
-            == ":warning: Slack refused part of this answer (error: msg_too_long); part of it may be missing."
-        )
-        assert len(fake.calls_to("chat.update")) == 1  # a permanent refusal is not retried
+        assert note == ":warning: I could not show this answer (error: msg_too_long)."
+        # A permanent refusal is not retried (the barrier's own edit aside).
+        assert len([c for c in fake.calls_to("chat.update") if c.params["channel"] == "C1"]) == 1
+        await settled(rig.stack.storage, body["event_id"], "failed")
 
 
 async def test_a_text_plain_200_on_the_final_edit_gives_a_note_not_a_crash(
@@ -604,9 +672,11 @@ async def test_a_text_plain_200_on_the_final_edit_gives_a_note_not_a_crash(
         event = mention("plain ok")
         await deliver(rig, event_body(event))
         await fake.wait_for(lambda: len(fake.thread("C1", event["ts"])) == 2)
+        fake.failures["chat.update"].clear()
+        await barrier(rig)  # nothing more (a retry, a second note) was on its way
         placeholder, note = fake.thread_text("C1", event["ts"])
         assert placeholder == PLACEHOLDER
-        assert note.startswith(":warning: Slack refused part of this answer (non-JSON body);")
+        assert note == ":warning: I could not show this answer (non-JSON body)."
 
 
 @pytest.fixture
@@ -632,31 +702,67 @@ async def test_a_text_plain_502_on_an_edit_is_retried_and_the_answer_completes(
 @pytest.mark.usefixtures("quick_retries")
 @pytest.mark.parametrize("content_type", ["text/html", "text/plain", "application/json"])
 async def test_a_permanent_non_json_500_gives_one_note_and_the_bot_goes_on(
-    tmp_path: Path, fake: FakeSlack, caplog: pytest.LogCaptureFixture, content_type: str
+    tmp_path: Path,
+    fake: FakeSlack,
+    caplog: pytest.LogCaptureFixture,
+    content_type: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # A 5xx is transient: the core retries the delivery, here 3 times (quickly), then gives up.
+    monkeypatch.setattr(core, "DELIVERY_ATTEMPTS", 3)
+    monkeypatch.setattr(core, "DELIVERY_FIRST_RETRY_S", 0.01)
     page = "<html><body><h1>500 Internal Server Error</h1></body></html>"
     fake.failures["chat.update"] = [(500, page, {"Content-Type": content_type})] * 100
     counted = metrics.PLATFORM_API_ERRORS.labels("slack", "chat.update", "500")
     before = counted._value.get()
     caplog.set_level(logging.WARNING, logger=slack_reply.__name__)
-    async with slack_rig(tmp_path, fake) as rig:
+    async with slack_rig(tmp_path, fake, edit_interval=1.0) as rig:  # only the final edit
         event = mention("doomed")
-        await deliver(rig, event_body(event))
+        body = event_body(event)
+        await deliver(rig, body)
         await fake.wait_for(lambda: len(fake.thread("C1", event["ts"])) == 2)
         placeholder, note = fake.thread_text("C1", event["ts"])
         assert placeholder == PLACEHOLDER
-        assert note.startswith(":warning: Slack refused part of this answer (HTTP 500, non-JSON body);")
+        assert note == ":warning: I could not show this answer (HTTP 500, non-JSON body)."
         attempts = len(fake.calls_to("chat.update"))
-        assert attempts % (slack_reply.MAX_RETRIES + 1) == 0  # every edit: bounded attempts, then given up
+        # Every delivery attempt: the client's bounded tries; three attempts, then given up.
+        assert attempts == 3 * (slack_reply.MAX_RETRIES + 1)
 
         fake.failures["chat.update"].clear()
         await barrier(rig)
         assert len(fake.thread("C1", event["ts"])) == 2  # still exactly one note
-    failures = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        await settled(rig.stack.storage, body["event_id"], "failed")
+    failures = [r.getMessage() for r in caplog.records if r.name == slack_reply.__name__]
     assert failures and set(failures) == {"Slack chat.update failed: HTTP 500, non-JSON body"}
-    assert len(failures) == attempts // (slack_reply.MAX_RETRIES + 1)  # one line per failed edit, not per try
+    assert len(failures) == 3  # one line per failed delivery attempt, not per try
     assert counted._value.get() - before == len(failures)  # chatglm_bot_platform_api_errors_total
     assert BOT_TOKEN not in caplog.text
+
+
+@pytest.mark.usefixtures("quick_retries")
+async def test_a_transient_refusal_of_the_final_text_is_retried_until_delivered(
+    tmp_path: Path, fake: FakeSlack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(core, "DELIVERY_FIRST_RETRY_S", 0.01)
+    # One whole attempt's tries (the client's own retries included) fail, then Slack is back.
+    outage: tuple[int, dict[str, Any], dict[str, str]] = (
+        503,
+        {"ok": False, "error": "service_unavailable"},
+        {},
+    )
+    fake.failures["chat.update"] = [outage] * (slack_reply.MAX_RETRIES + 1)
+    async with slack_rig(tmp_path, fake, edit_interval=1.0) as rig:  # only the final edit
+        event = mention("outage")
+        body = event_body(event)
+        await deliver(rig, body)
+        await fake.wait_for(lambda: answered(fake, "C1", event["ts"], "Answer 1 to: outage"))
+        await barrier(rig)
+        assert fake.thread_text("C1", event["ts"]) == ["Answer 1 to: outage"]  # no note, no 2nd message
+        # The client's tries for the first delivery attempt, then the core's second attempt.
+        updates = [c for c in fake.calls_to("chat.update") if c.params["channel"] == "C1"]
+        assert len(updates) == slack_reply.MAX_RETRIES + 2
+        state = await settled(rig.stack.storage, body["event_id"], "delivered")
+        assert state.attempts == 1
 
 
 async def test_a_failed_generation_turns_the_placeholder_into_a_short_note(
@@ -717,7 +823,26 @@ async def test_events_before_start_get_503_so_slack_redelivers_them(tmp_path: Pa
         raw = json.dumps(event_body(mention("too early")))
         response = await client.post("/slack/events", data=raw, headers=sign(raw))
         assert response.status == 503
+        assert response.headers["Retry-After"] == slack_adapter.RETRY_AFTER_S
     assert fake.calls == []
+
+
+async def test_events_while_shutting_down_get_503_with_retry_after_and_are_not_recorded(
+    tmp_path: Path, fake: FakeSlack
+) -> None:
+    async with slack_rig(tmp_path, fake) as rig:
+        assert rig.http is not None
+        await rig.stack.bot.drain(0)
+        assert not rig.stack.bot.accepting
+        event = mention("during the deploy")
+        body = event_body(event)
+        status, _ = await rig.post(body)
+        response = await rig.http.post("/slack/events", data=json.dumps(body), headers=sign(json.dumps(body)))
+        assert (status, response.status) == (503, 503)
+        assert response.headers["Retry-After"] == slack_adapter.RETRY_AFTER_S
+        # Not recorded here: Slack redelivers it to the next process, which answers it.
+        assert await rig.stack.storage.event_state("slack", body["event_id"]) is None
+        assert fake.writes == []
 
 
 def test_http_mode_without_a_signing_secret_is_a_config_error(tmp_path: Path) -> None:
