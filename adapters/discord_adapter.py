@@ -118,7 +118,7 @@ class DiscordAdapter:
         try:
             if raw.get("kind") == "message":
                 channel = client.get_partial_messageable(int(raw["channel_id"]))
-                return MessageReply(channel, int(raw["message_id"]), message_ids=ids)
+                return MessageReply(channel, int(raw["message_id"]), message_ids=ids, nonce=message.event_id)
             if raw.get("kind") == "interaction":
                 issued = discord.utils.snowflake_time(int(message.event_id))
                 if datetime.now(UTC) - issued > INTERACTION_REPLY_WINDOW:
@@ -127,7 +127,7 @@ class DiscordAdapter:
                     quote = f"> {message.author_name} asked: {message.text}"[:1000] + "\n"
                     # Once shown (a "message" handle), the same channel message is edited again.
                     shown = ids if handle is not None and handle.get("kind") == "message" else None
-                    return MessageReply(channel, None, message_ids=shown, quote=quote)
+                    return MessageReply(channel, None, message_ids=shown, quote=quote, nonce=message.event_id)
                 webhook = _interaction_webhook(client, int(raw["application_id"]), str(raw["token"]))
                 return InteractionReply(
                     webhook,
@@ -186,7 +186,9 @@ class DiscordAdapter:
             return
         allowed = may_reset_by_message(message, self._settings.discord_admin_ids)
         incoming = from_message(message, me, may_reset=allowed)
-        reply = MessageReply(client.get_partial_messageable(message.channel.id), message.id)
+        reply = MessageReply(
+            client.get_partial_messageable(message.channel.id), message.id, nonce=incoming.event_id
+        )
         await core.submit(incoming, reply)
 
     async def _on_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:

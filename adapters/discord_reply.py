@@ -231,12 +231,17 @@ class MessageReply(DiscordReply):
         *,
         message_ids: list[int] | None = None,
         quote: str = "",
+        nonce: str | None = None,
     ) -> None:
+        """``nonce`` (the event id) makes each part's first send idempotent (Discord's
+        ``enforce_nonce``): a run that died before storing a message id sends it again and gets the
+        same message back."""
         ids = message_ids or []
         super().__init__(ids, [""] * len(ids))
         self._channel = channel
         self._message_id = message_id
         self._quote = quote
+        self._nonce = nonce
         self._reference = (
             discord.MessageReference(message_id=message_id, channel_id=channel.id, fail_if_not_exists=False)
             if message_id is not None
@@ -250,12 +255,11 @@ class MessageReply(DiscordReply):
         await super()._show(f"{self._quote}{text}" if self._quote else text)
 
     async def _send(self, content: str) -> int:
-        if self._reference is None:
-            message = await self._channel.send(content, allowed_mentions=NO_MENTIONS)
-        else:
-            message = await self._channel.send(
-                content, reference=self._reference, allowed_mentions=NO_MENTIONS
-            )
+        # At most 25 characters: a snowflake (19 digits) and the part's index.
+        extra: dict[str, Any] = {"nonce": f"{self._nonce}.{len(self._ids)}"[-25:]} if self._nonce else {}
+        if self._reference is not None:
+            extra["reference"] = self._reference
+        message = await self._channel.send(content, allowed_mentions=NO_MENTIONS, **extra)
         return message.id
 
     async def _edit(self, message_id: int, content: str) -> None:

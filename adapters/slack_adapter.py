@@ -165,9 +165,13 @@ class SlackAdapter:
         if not isinstance(channel, str) or message.raw.get("ephemeral"):
             return None  # a slash command's response_url is short-lived and never stored
         thread_ts = message.raw.get("thread_ts")
+        thread = thread_ts if isinstance(thread_ts, str) else None
         posted = handle.get("ts") if handle is not None else None
         posted = [ts for ts in posted if isinstance(ts, str)] if isinstance(posted, list) else []
-        return self._reply(channel, thread_ts if isinstance(thread_ts, str) else None, posted)
+        question_ts = message.raw.get("ts") or thread
+        # "{}": a placeholder may have been posted by a run that died before storing its ts.
+        find_after = str(question_ts) if handle == {} and question_ts else None
+        return self._reply(channel, thread, message.event_id, posted, find_after)
 
     async def resolve(self, message: IncomingMessage) -> IncomingMessage:
         """The author's and mentioned users' display names (``users.info``, cached)."""
@@ -264,7 +268,7 @@ class SlackAdapter:
         if len(self._questions) > MAX_TRACKED_QUESTIONS:
             self._questions.clear()
         self._questions[(channel, str(message.raw["ts"]))] = message.event_id
-        await core.submit(message, self._reply(channel, thread_ts))
+        await core.submit(message, self._reply(channel, thread_ts, message.event_id))
 
     async def _on_command(self, ack: Any, body: dict[str, Any], respond: Respond) -> None:
         await ack()
@@ -304,7 +308,7 @@ class SlackAdapter:
         thread_ts = None if channel.startswith("D") else str(posted["ts"])
         message = command_message(body, command, prompt, thread_ts)
         if message is not None:
-            await self._handle(message, self._reply(channel, thread_ts))
+            await self._handle(message, self._reply(channel, thread_ts, message.event_id))
 
     async def _handle(self, message: IncomingMessage, reply: ReplyHandle) -> None:
         core = self._core
@@ -337,9 +341,22 @@ class SlackAdapter:
                 self._names_failed[user_id] = now + NAME_RETRY_S
         return {user_id: self._names.get(user_id, user_id) for user_id in user_ids}
 
-    def _reply(self, channel: str, thread_ts: str | None, posted: list[str] | None = None) -> SlackReply:
+    def _reply(
+        self,
+        channel: str,
+        thread_ts: str | None,
+        event_id: str,
+        posted: list[str] | None = None,
+        find_after: str | None = None,
+    ) -> SlackReply:
         return SlackReply(
-            self._client, channel, thread_ts, min_edit_interval=self._min_edit_interval, posted=posted
+            self._client,
+            channel,
+            thread_ts,
+            min_edit_interval=self._min_edit_interval,
+            posted=posted,
+            event_id=event_id,
+            find_after=find_after,
         )
 
 

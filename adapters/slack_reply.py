@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 # every message whole, multi-byte text included.
 MESSAGE_BYTES = 3500
 PLACEHOLDER = ":hourglass_flowing_sand: _thinking…_"
+# Message metadata on every answer's first message names its event, so a bot that died before it
+# stored the message's ts can find it again (conversations.replies) instead of posting another.
+METADATA_TYPE = "chatglm_bot_answer"
 EMPTY_ANSWER = "_(no answer)_"
 MAX_RETRIES = 3  # after the first attempt: four in all
 RETRY_BASE_S = 0.5  # backoff 0.5, 1, 2 s when Slack gives no Retry-After
@@ -180,7 +183,12 @@ class SlackReply(BaseReply):
         min_edit_interval: float = 1.0,
         clock: Callable[[], float] = time.monotonic,  # for the edit interval; tests pass a fake
         posted: list[str] | None = None,
+        event_id: str | None = None,
+        find_after: str | None = None,
     ) -> None:
+        """``event_id`` marks the first message (metadata); with ``find_after`` (a ts), ``begin``
+        first looks for that message among the bot's messages after it: one an earlier run posted
+        without storing its ts."""
         self._clock = clock
         self._client = client
         self._channel = channel
@@ -191,6 +199,8 @@ class SlackReply(BaseReply):
         self._last_write = -float("inf")
         self._shown_text = False  # whether this run's text has replaced the placeholder
         self._refused: SlackFailure | None = None  # the latest write Slack refused
+        self._event_id = event_id
+        self._find_after = find_after
 
     @property
     def handle(self) -> dict[str, Any] | None:
@@ -203,8 +213,37 @@ class SlackReply(BaseReply):
         }
 
     async def begin(self) -> None:
+        if not self._messages and self._find_after is not None:
+            found = await self._find_posted(self._find_after)
+            if found is not None:
+                self._messages.append((found, ""))
         if not self._messages:  # a resumed answer already has its placeholder (or partial text)
             await self._post(PLACEHOLDER)
+
+    async def _find_posted(self, after: str) -> str | None:
+        """The ts of this answer's first message, if an earlier run posted it (its metadata)."""
+        if self._thread_ts is not None:
+            call = self._client.conversations_replies(
+                channel=self._channel, ts=self._thread_ts, oldest=after, include_all_metadata=True, limit=200
+            )
+        else:
+            call = self._client.conversations_history(
+                channel=self._channel, oldest=after, include_all_metadata=True, limit=200
+            )
+        response = await try_slack("conversations.replies", call)
+        if isinstance(response, SlackFailure):
+            return None  # e.g. no history scope: post a new one, as before
+        for found in response.get("messages") or []:
+            metadata = found.get("metadata") if isinstance(found, Mapping) else None
+            if (
+                isinstance(metadata, Mapping)
+                and metadata.get("event_type") == METADATA_TYPE
+                and isinstance(metadata.get("event_payload"), Mapping)
+                and metadata["event_payload"].get("event_id") == self._event_id
+                and isinstance(found.get("ts"), str)
+            ):
+                return str(found["ts"])
+        return None
 
     async def update(self, text: str) -> None:
         # This guard holds Slack's ~1 edit/s per message whatever the core's stream interval.
@@ -252,6 +291,8 @@ class SlackReply(BaseReply):
 
     async def _post(self, text: str) -> bool:
         self._last_write = self._clock()
+        marked = not self._messages and self._event_id is not None
+        metadata = {"event_type": METADATA_TYPE, "event_payload": {"event_id": self._event_id}}
         response = await self._write(
             "chat.postMessage",
             self._client.chat_postMessage(
@@ -260,6 +301,7 @@ class SlackReply(BaseReply):
                 text=text,
                 unfurl_links=False,
                 unfurl_media=False,
+                metadata=metadata if marked else None,
             ),
         )
         if response is None:

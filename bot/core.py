@@ -406,6 +406,11 @@ class Bot:
         started = time.monotonic()
         if not await self._storage.set_status(work.event, EventStatus.GENERATING):
             raise LostClaim(f"{work.event.platform} event {work.event.event_id} was taken over")
+        if work.saved_handle is None:
+            # The intent, before the placeholder is posted: if this process dies before the handle
+            # is stored, "{}" tells the next one that a placeholder may exist (reply_for finds it).
+            await self._storage.save_reply_handle(work.event, {})
+            work.saved_handle = {}
         await work.reply.begin()
         await self._save_handle(work)
         answer = await self._generate(work, message, history)

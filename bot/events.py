@@ -178,7 +178,9 @@ class Adapter(Protocol):
 
     def reply_for(self, message: IncomingMessage, handle: dict[str, Any] | None) -> ReplyHandle | None:
         """The reply for a message recovered from storage, showing in the messages ``handle``
-        names (None: none posted yet), or None if the platform can no longer be answered for it."""
+        names (None: none posted yet; ``{}``: a placeholder may have been posted, its id unknown,
+        so the reply looks for it before posting one), or None if the platform can no longer be
+        answered for it."""
         ...
 
 

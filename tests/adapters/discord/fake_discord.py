@@ -153,6 +153,7 @@ class Interaction:
 
 class FakeDiscord:
     def __init__(self, *, token: str = "test-bot-token") -> None:
+        self._nonces: dict[tuple[int, str], int] = {}  # (channel, nonce) -> the message created
         self.token = token
         self.heartbeat_interval_ms = 45_000
         self.message_content_allowed = True  # False: refuse the privileged intent like Discord (4014)
@@ -597,7 +598,15 @@ class FakeDiscord:
                 posted.deleted = True
                 return web.Response(status=204)
             case "POST", ["channels", channel, "messages"]:
-                return _json(self._message(self._post(int(channel), body, kind="channel")))
+                nonce = body.get("nonce")
+                key = (int(channel), str(nonce))
+                if nonce is not None and body.get("enforce_nonce") and key in self._nonces:
+                    # Discord returns the message created with this nonce instead of a second one.
+                    return _json(self._message(self.posted[self._nonces[key]]))
+                posted = self._post(int(channel), body, kind="channel")
+                if nonce is not None:
+                    self._nonces[key] = posted.id
+                return _json(self._message(posted))
             case "PATCH", ["channels", _, "messages", message]:
                 return self._edit(self.posted[int(message)], body)
             case "DELETE", ["channels", _, "messages", message]:

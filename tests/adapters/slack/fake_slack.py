@@ -55,6 +55,7 @@ class Message:
     text: str
     edits: list[str] = field(default_factory=list)  # every text it has shown, in order
     deleted: bool = False
+    metadata: dict[str, Any] | None = None
 
 
 @dataclass
@@ -293,7 +294,12 @@ class FakeSlack:
         if method == "chat.postMessage":
             ts = f"{1_700_000_000 + next(self._ts)}.000100"
             channel, text = params["channel"], params["text"]
-            self.messages[(channel, ts)] = Message(channel, ts, params.get("thread_ts"), text, [text])
+            metadata = params.get("metadata")
+            if isinstance(metadata, str):  # form-encoded calls send it as JSON text
+                metadata = json.loads(metadata)
+            self.messages[(channel, ts)] = Message(
+                channel, ts, params.get("thread_ts"), text, [text], metadata=metadata
+            )
             return {"ok": True, "channel": channel, "ts": ts, "message": {"text": text, "ts": ts}}
         if method == "chat.update":
             message = self.messages.get((params["channel"], params["ts"]))
@@ -308,6 +314,29 @@ class FakeSlack:
                 return {"ok": False, "error": "message_not_found"}
             message.deleted = True
             return {"ok": True, "channel": message.channel, "ts": message.ts}
+        if method in ("conversations.replies", "conversations.history"):
+            # Only the bot's own messages are kept here; a thread (replies) or the top level (history).
+            thread = params.get("ts") if method == "conversations.replies" else None
+            oldest = float(params.get("oldest") or 0)
+            found = sorted(
+                (
+                    m
+                    for m in self.messages.values()
+                    if m.channel == params["channel"]
+                    and m.thread_ts == thread
+                    and not m.deleted
+                    and float(m.ts) > oldest
+                ),
+                key=lambda m: float(m.ts),
+            )
+            return {
+                "ok": True,
+                "messages": [
+                    {"type": "message", "ts": m.ts, "text": m.text, "bot_id": "B1"}
+                    | ({"metadata": m.metadata} if m.metadata and params.get("include_all_metadata") else {})
+                    for m in found
+                ],
+            }
         return {"ok": False, "error": "unknown_method"}
 
     async def _respond(self, request: web.Request) -> web.Response:
