@@ -98,14 +98,7 @@ def bytes_per_token(model: ChatGLM2, context: int) -> int:
     total = 0
     for module in model.modules():
         if isinstance(module, Int4Linear):
-            packed, native_packed = module.packed_cpu, module.packed_native
-            if native_packed is not None:
-                total += native_packed.packed.nbytes + native_packed.scale.nbytes
-            elif packed is not None:
-                total += packed.weight.nbytes + packed.scales_and_zeros.nbytes
-            else:
-                total += module.weight.nbytes + module.weight_scale.nbytes
-            total += module.bias.nbytes if module.bias is not None else 0
+            total += module.backend.nbytes(module)
         elif isinstance(module, torch.nn.Linear | RMSNorm):  # the embedding reads one row: skipped
             total += sum(p.nbytes for p in module.parameters(recurse=False))
     config = model.config

@@ -29,6 +29,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from bot.model import int4
+
 Kind = Literal["int4", "fp16"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -163,13 +165,6 @@ def tensor_specs(config: Mapping[str, Any], kind: Kind) -> list[TensorSpec]:
     return specs
 
 
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """Official int4 packing: packed[i, j] = (q[i, 2j] << 4) | (q[i, 2j+1] & 0xF), as int8."""
-    q16 = q.to(torch.int16)
-    packed = ((q16[:, 0::2] << 4) | (q16[:, 1::2] & 0xF)) & 0xFF
-    return packed.to(torch.uint8).view(torch.int8)
-
-
 def _fill(out: torch.Tensor, spec: TensorSpec, gen: torch.Generator) -> None:
     if spec.init == "inv_freq":  # RoPE over half of each head, as the official RotaryEmbedding
         dim = 2 * spec.shape[0]
@@ -183,7 +178,7 @@ def _fill(out: torch.Tensor, spec: TensorSpec, gen: torch.Generator) -> None:
         x = torch.randn(rows, cols, generator=gen)
         if spec.init == "int4":
             # Rounded weights / (max|w| / 7): a row of N(0, s) weights has max ~3.9 s.
-            chunk = pack_int4(x.mul_(7 / 3.9).round_().clamp_(-7, 7))
+            chunk = int4.pack(x.mul_(7 / 3.9).round_().clamp_(-7, 7))
         elif spec.init == "scale":  # dequantised weights q * scale then have std ~0.02
             chunk = 0.02 * (3.4 + torch.rand(rows, cols, generator=gen)) / 7
         elif spec.init == "norm":

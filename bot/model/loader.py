@@ -27,16 +27,12 @@ from pathlib import Path
 
 import torch
 
+from bot.model import int4
 from bot.model.config import ChatGLM2Config, ConfigError
 from bot.model.kernels import native
 from bot.model.model import QUANTIZED_LINEARS, ChatGLM2
-from bot.model.quant import (
-    int4_backends,
-    prepare_int4,
-    quantize_int4,
-    quantize_int4_terms,
-    swap_linears_for_int4,
-)
+from bot.model.native_layers import use_native_layers
+from bot.model.quant import int4_backends, prepare_int4, swap_linears_for_int4
 from bot.model.tokenizer import ChatGLMTokenizer
 
 logger = logging.getLogger(__name__)
@@ -158,7 +154,7 @@ def load_model(
     if use_native and int4_output_layer:
         key = f"transformer.{_OUTPUT_LAYER}.weight"
         head = state[key]
-        state[key], state[key + "_scale"] = quantize_int4_terms(head, OUTPUT_LAYER_TERMS)
+        state[key], state[key + "_scale"] = int4.quantize_terms(head, OUTPUT_LAYER_TERMS)
         mapped.release(head)
         del head
         swap_linears_for_int4(model.transformer, (_OUTPUT_LAYER,), compute, OUTPUT_LAYER_TERMS)
@@ -170,7 +166,7 @@ def load_model(
         prepare_int4(module, compute, mapped.release, use_native=use_native)
         mapped.trim_heap()
     model.eval().requires_grad_(False)
-    if use_native and model.use_native_ops():
+    if use_native_layers(model, pointwise=use_native):
         why += "; RMSNorm, SwiGLU and RoPE compiled"
     kind = f"int4 matmul {', '.join(int4_backends(model))} ({why})" if quantized else "dense"
     logger.info("loaded %s (%s, %s on %s)", folder, kind, compute, target)
@@ -269,7 +265,7 @@ def _cast(
 
 def _quantize_state(state: dict[str, torch.Tensor], release: Callable[[torch.Tensor], None]) -> None:
     for key in [k for k in state if k.endswith(".weight") and k.split(".")[-2] in QUANTIZED_LINEARS]:
-        packed, scale = quantize_int4(state[key])
+        packed, scale = int4.quantize(state[key])
         release(state[key])
         state[key] = packed
         state[key + "_scale"] = scale

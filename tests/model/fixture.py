@@ -2,7 +2,8 @@
 
 Shared by the model tests: ``tiny_dir("fp32")`` / ``tiny_dir("int4")`` are checkpoint folders,
 ``expected()`` is expected.json, and the real ChatGLM2-6B tokenizer (not in this repository) is
-looked up beside the checkout in ``../shared/fixtures/chatglm2/real-tokenizer/``.
+looked up in ``$BOT_TEST_SHARED_DIR/fixtures/chatglm2/real-tokenizer/`` (default: ``../shared`` beside
+the checkout; set it where the checkout is a worktree elsewhere).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 FIXTURE_DIR = REPO_ROOT / "tests" / "fixtures" / "chatglm2"
 # CI has a compiler: there, a native kernel that does not build or load fails its tests instead of skipping.
 REQUIRE_KERNEL = os.environ.get("BOT_TEST_REQUIRE_KERNEL") == "1"
-REAL_TOKENIZER = REPO_ROOT.parent / "shared" / "fixtures" / "chatglm2" / "real-tokenizer" / "tokenizer.model"
+SHARED_DIR = Path(os.environ.get("BOT_TEST_SHARED_DIR") or REPO_ROOT.parent / "shared")
+REAL_TOKENIZER = SHARED_DIR / "fixtures" / "chatglm2" / "real-tokenizer" / "tokenizer.model"
 
 
 def tiny_dir(kind: Literal["fp32", "int4"]) -> Path:

@@ -11,6 +11,7 @@ import torch
 from bot.model.kernels import native
 from bot.model.loader import load_model
 from bot.model.model import decode_attention
+from bot.model.native_layers import use_native_layers
 from tests.model.fixture import expected, require_native_kernel, tiny_dir
 
 BF16_STEP = 2.0**-7  # bfloat16's relative spacing: its rounding moves a value by at most half of it
@@ -81,7 +82,7 @@ def test_unsupported_shapes_fall_back_and_bad_positions_are_refused() -> None:
 def decode_logits(path: Path) -> torch.Tensor:
     """The tiny int4 model in bfloat16: a prompt, then 6 greedy decode steps; their logits."""
     model, _, _ = load_model(path, dtype="bfloat16", device="cpu")
-    model.use_native_ops(fused_decode=False)  # the layers' Python modules, which call decode_attention
+    use_native_layers(model, fused_decode=False)  # the layers' Python modules, which call decode_attention
     model.setup_caches(1, 256)
     ids = expected()["tokenizer"]["chat_prompts"][0]["input_ids"]
     steps = []

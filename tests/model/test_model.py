@@ -9,8 +9,9 @@ import torch
 
 from bot.model.config import ChatGLM2Config, ConfigError
 from bot.model.loader import load_model
-from bot.model.model import ChatGLM2, apply_rope, decode_attention, rope_cache
+from bot.model.model import ChatGLM2, decode_attention, rope_cache
 from tests.model.fixture import expected, tiny_dir
+from tests.model.reference_ops import apply_rope
 
 ATOL = 1e-4
 

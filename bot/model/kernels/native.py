@@ -13,8 +13,8 @@ instruction set, or the kernel is disabled, ``int4_linear`` computes the exact f
 ``x @ (q * scale).T`` instead; which of them runs is logged once.
 
 The same module holds the decode attention (attention.cpp) and the small per-token steps of a bfloat16
-forward (pointwise.cpp: RMSNorm, SwiGLU, RoPE with the cache write), which the model uses where the
-module is built (``ChatGLM2.use_native_ops``).
+forward (pointwise.cpp: RMSNorm, SwiGLU, RoPE with the cache write), which native_layers.py swaps in where the
+module is built.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -464,7 +464,7 @@ def int4_linear(x: torch.Tensor, w: PackedInt4, bias: torch.Tensor | None = None
     return y.view(*x.shape[:-1], w.out_features)
 
 
-def _attention_fits(heads: int, groups: int, dim: int) -> bool:
+def attention_fits(heads: int, groups: int, dim: int) -> bool:
     """Whether attention.cpp takes these shapes (it checks them again and raises otherwise)."""
     per_group_fits = heads % groups == 0 and heads // groups <= ATTENTION_MAX_HEADS_PER_GROUP
     return dim % ATTENTION_DIM_MULTIPLE == 0 and per_group_fits
@@ -478,7 +478,7 @@ def decode_attention(
     the compiled kernel is not in use or does not take the shapes (D a multiple of 16, at most 16
     query heads per group): the caller then runs PyTorch's path."""
     heads, dim, groups = q.shape[1], q.shape[2], k.shape[1]
-    if not _attention_fits(heads, groups, dim):
+    if not attention_fits(heads, groups, dim):
         return None
     module = _kernel()
     if module is None:
@@ -496,7 +496,7 @@ def _required() -> Any:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm of bfloat16 x [..., C] (C a multiple of 16) with a bfloat16 weight [C], in float32
-    (pointwise.cpp); for models whose ``use_native_ops`` is on."""
+    (pointwise.cpp); for bot/model/native_layers.py."""
     out: torch.Tensor = _required().rms_norm(x.reshape(-1, x.shape[-1]).contiguous(), weight, eps)
     return out.view(x.shape)
 
@@ -534,15 +534,15 @@ class DecodeLayer:
     linears: tuple[tuple[PackedInt4, torch.Tensor | None], ...]
 
 
-def make_decode_step(layers: list[DecodeLayer], rope: torch.Tensor, heads: int, eps: float) -> Any:
-    """The compiled decode step over ``layers`` (decode_step.cpp), or None where the kernels are not in
-    use or decode attention does not take the shapes. Its ``run(x [B, C], positions [B], first_row)``
-    gives what the layers' modules give with native ops, bit for bit, in one call."""
-    module = _kernel()
-    if module is None or not layers:
-        return None
-    if not _attention_fits(heads, layers[0].k_cache.shape[1], layers[0].k_cache.shape[3]):
-        return None
+class DecodeStep(Protocol):
+    def run(self, x: torch.Tensor, positions: torch.Tensor, first_row: int) -> torch.Tensor: ...
+
+
+def make_decode_step(layers: list[DecodeLayer], rope: torch.Tensor, heads: int, eps: float) -> DecodeStep:
+    """The compiled decode step over ``layers`` (decode_step.cpp; the caller checked ``attention_fits``).
+    Its ``run(x [B, C], positions [B], first_row)`` gives what the layers' native modules give, bit for
+    bit, in one call."""
+    module = _required()
     empty = torch.empty(0)
     tensors, outs = [], []
     for layer in layers:
@@ -555,7 +555,8 @@ def make_decode_step(layers: list[DecodeLayer], rope: torch.Tensor, heads: int, 
             flat += [weight.packed, weight.scale, empty if bias is None else bias]
         tensors.append(flat)
         outs.append([weight.out_features for weight, _ in layer.linears])
-    return module.DecodeStep(tensors, outs, rope, heads, eps)
+    step: DecodeStep = module.DecodeStep(tensors, outs, rope, heads, eps)
+    return step
 
 
 def reference_linear(x: torch.Tensor, w: PackedInt4, bias: torch.Tensor | None = None) -> torch.Tensor:
