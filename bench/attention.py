@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bot.model.kernels import native
+from bot.model.kernels import build, ops
 from bot.model.model import decode_attention
 
 HEADS, GROUPS, DIM, LAYERS = 32, 2, 128, 28
@@ -52,8 +52,8 @@ def measure(context: int, rows: int, repeats: int) -> dict[str, float]:
     result = {
         "pytorch": LAYERS * time_ms(lambda: decode_attention(q[:, :, None], k_seen, v_seen, mask), repeats)
     }
-    if native.available():
-        result["compiled"] = LAYERS * time_ms(lambda: native.decode_attention(q, k, v, positions), repeats)
+    if build.available():
+        result["compiled"] = LAYERS * time_ms(lambda: ops.decode_attention(q, k, v, positions), repeats)
     return {name: round(ms, 2) for name, ms in result.items()}
 
 
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("contexts, rows and repeats must be positive")
     torch.set_num_threads(args.threads)
     report = {
-        "kernel": native.backend_name(),
+        "kernel": build.backend_name(),
         "threads": args.threads,
         "timing": "min over repeats",
         "28_layers_ms": {

@@ -51,7 +51,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from bench import chat, peers  # noqa: E402
 from bench.bandwidth import measure_read_bandwidth  # noqa: E402
 from bot.model.generate import decode_one_token, prefill  # noqa: E402
-from bot.model.kernels import native  # noqa: E402
+from bot.model.kernels import build  # noqa: E402
 from bot.model.loader import load_model  # noqa: E402
 from bot.model.model import ChatGLM2, RMSNorm  # noqa: E402
 from bot.model.quant import Int4Linear, int4_backends  # noqa: E402
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": threads,
         "dtype": str(model.compute_dtype).removeprefix("torch."),
         "int4_backend": ", ".join(int4_backends(model)),
-        "native_kernel": native.backend_name(),
+        "native_kernel": build.backend_name(),
         "output_layer": type(model.transformer.output_layer).__name__,
         "load_s": round(load_s, 2),
         "peak_rss_gb_after_load": round(rss_after_load, 2),

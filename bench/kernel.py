@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from bot.model.kernels import native
+from bot.model.kernels import build, layout, ops
 
 LAYER_SHAPES = {
     "qkv": (4608, 4096),
@@ -41,8 +41,8 @@ def random_official(out: int, in_features: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def native_matmul(out: int, in_features: int) -> Matmul:
-    w = native.PackedInt4.from_official(*random_official(out, in_features))
-    return lambda x: native.int4_linear(x, w)
+    w = layout.PackedInt4.from_official(*random_official(out, in_features))
+    return lambda x: ops.int4_linear(x, w)
 
 
 def int4pack_matmul(out: int, in_features: int) -> Matmul:
@@ -109,11 +109,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.no_amx:
-        native.set_amx(False)
+        build.set_amx(False)
     methods = ["native"] if args.no_baselines else list(METHODS)
     layer_params = sum(o * i for o, i in LAYER_SHAPES.values())
     result: dict[str, object] = {
-        "backend": native.backend_name(),
+        "backend": build.backend_name(),
         "threads": args.threads,
         "repeats": args.repeats,
         "timing": "min over repeats; other processes share the cores",

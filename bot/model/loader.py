@@ -29,7 +29,7 @@ import torch
 
 from bot.model import int4
 from bot.model.config import ChatGLM2Config, ConfigError
-from bot.model.kernels import native
+from bot.model.kernels import build
 from bot.model.model import QUANTIZED_LINEARS, ChatGLM2
 from bot.model.native_layers import use_native_layers
 from bot.model.quant import int4_backends, prepare_int4, swap_linears_for_int4
@@ -109,9 +109,9 @@ def load_model(
         raise ModelLoadError(f"quantize={quantize!r} is not supported (only 4)")
     if int4_kernel not in _INT4_KERNELS:
         raise ModelLoadError(f"unknown int4_kernel {int4_kernel!r} ({', '.join(_INT4_KERNELS)})")
-    if int4_kernel == "native" and not native.available():
+    if int4_kernel == "native" and not build.available():
         raise ModelLoadError(
-            f"int4_kernel 'native' requested but the kernel is unavailable: {native.backend_name()}"
+            f"int4_kernel 'native' requested but the kernel is unavailable: {build.backend_name()}"
         )
     target = _pick_device(device)
     folder = resolve_model_path(path)
@@ -180,9 +180,9 @@ def _pick_int4_kernel(int4_kernel: str, compute: torch.dtype, device: torch.devi
         return False, f"native kernel: not for {str(compute).removeprefix('torch.')} on {device.type}"
     if int4_kernel == "torch":
         return False, "native kernel: off, int4_kernel=torch"
-    if native.available():  # "native" was checked up front; "auto" falls back to PyTorch's kernels
+    if build.available():  # "native" was checked up front; "auto" falls back to PyTorch's kernels
         return True, "native kernel: available"
-    return False, f"native kernel: {native.backend_name()}"
+    return False, f"native kernel: {build.backend_name()}"
 
 
 def _pick_device(device: str) -> torch.device:

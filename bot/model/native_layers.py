@@ -20,7 +20,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from bot.model.kernels import native
+from bot.model.kernels import build, layout, ops
 from bot.model.model import MLP, Attention, Block, ChatGLM2, RMSNorm, Step
 from bot.model.quant import Int4Linear, NativeInt4
 
@@ -29,19 +29,19 @@ _SIZE_MULTIPLE = 16  # pointwise.cpp's vectors: hidden and MLP sizes must be mul
 
 class NativeRMSNorm(RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return native.rms_norm(x, self.weight, self.eps)
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
 class NativeMLP(MLP):
     def swiglu(self, h: torch.Tensor) -> torch.Tensor:
-        return native.swiglu(h)
+        return ops.swiglu(h)
 
 
 class NativeDecodeAttention(Attention):
     def attend(self, q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, step: Step) -> torch.Tensor:
         batch, _, seq, _ = q.shape
         if seq == 1:
-            flat = native.decode_attention(
+            flat = ops.decode_attention(
                 q.reshape(batch, self.n_heads, self.head_dim), k_all, v_all, step.input_pos[:, 0]
             )
             if flat is not None:  # [B, H, D]: with one token, already [B, S, H * D] in memory
@@ -53,7 +53,7 @@ class NativeAttention(NativeDecodeAttention):
     def rope_and_cache(self, qkv: torch.Tensor, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
         batch, seq, _ = qkv.shape
         cache = self.cache()
-        native.rope_cache_write(
+        ops.rope_cache_write(
             qkv.view(batch * seq, -1),
             step.input_pos.reshape(-1),
             step.cache_rows,
@@ -73,14 +73,14 @@ class NativeFusedDecoder:
     def __init__(self, model: ChatGLM2) -> None:
         self._model = model
         self._rope: torch.Tensor | None = None
-        self._step: native.DecodeStep | None = None
+        self._step: ops.DecodeStep | None = None
 
     @classmethod
     def for_model(cls, model: ChatGLM2) -> NativeFusedDecoder | None:
         """None unless every linear is on the native kernel (one term) and attention.cpp takes the
         shapes."""
         config = model.config
-        if not native.attention_fits(config.num_attention_heads, config.kv_groups, config.head_dim):
+        if not ops.attention_fits(config.num_attention_heads, config.kv_groups, config.head_dim):
             return None
         linears = [linear for block in model.blocks for linear in _linears(block)]
         if not all(_native_weight(linear) is not None for linear in linears):
@@ -94,13 +94,13 @@ class NativeFusedDecoder:
         return self._step.run(x, positions, first_row)
 
     @staticmethod
-    def _compile(model: ChatGLM2) -> native.DecodeStep:
+    def _compile(model: ChatGLM2) -> ops.DecodeStep:
         layers = []
         for block in model.blocks:
             cache = block.self_attention.cache()
             weights = tuple(_native_weight(linear) for linear in _linears(block))
             layers.append(
-                native.DecodeLayer(
+                ops.DecodeLayer(
                     block.input_layernorm.weight,
                     block.post_attention_layernorm.weight,
                     cache.k_cache,
@@ -109,7 +109,7 @@ class NativeFusedDecoder:
                 )
             )
         heads, eps = model.config.num_attention_heads, model.config.layernorm_epsilon
-        return native.make_decode_step(layers, model.rope, heads, eps)
+        return ops.make_decode_step(layers, model.rope, heads, eps)
 
 
 def _linears(block: Block) -> tuple[nn.Module, ...]:
@@ -117,7 +117,7 @@ def _linears(block: Block) -> tuple[nn.Module, ...]:
     return (attention.query_key_value, attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
 
 
-def _native_weight(layer: nn.Module) -> tuple[native.PackedInt4, torch.Tensor | None] | None:
+def _native_weight(layer: nn.Module) -> tuple[layout.PackedInt4, torch.Tensor | None] | None:
     """An int4 linear's weight and float32 bias as the compiled decode step takes them, or None."""
     if isinstance(layer, Int4Linear) and isinstance(layer.backend, NativeInt4) and layer.terms == 1:
         return layer.backend.weight, layer.backend.bias
@@ -141,7 +141,7 @@ def use_native_layers(model: ChatGLM2, pointwise: bool = True, *, fused_decode: 
     sizes are multiples of 16, and ``fused_decode`` then runs decode steps as one call where every
     linear is on the native kernel. Returns whether the pointwise layers are compiled now."""
     config = model.config
-    kernels = model.compute_dtype == torch.bfloat16 and model.device.type == "cpu" and native.available()
+    kernels = model.compute_dtype == torch.bfloat16 and model.device.type == "cpu" and build.available()
     sizes_fit = config.hidden_size % _SIZE_MULTIPLE == 0 and config.ffn_hidden_size % _SIZE_MULTIPLE == 0
     on = kernels and pointwise and sizes_fit
     norm: type[RMSNorm] = NativeRMSNorm if on else RMSNorm

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from bot.model import int4
-from bot.model.kernels import native
+from bot.model.kernels import layout, ops
 
 _GROUP_SIZES = (128, 256, 64, 32)  # preference order for the packed kernel (128 is the fastest)
 _ROW_MULTIPLE = 16  # the packed kernel needs out_features divisible by 16
@@ -99,14 +99,14 @@ class NativeInt4:
 
     name = "native"
 
-    def __init__(self, weight: native.PackedInt4, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight: layout.PackedInt4, bias: torch.Tensor | None) -> None:
         self.weight = weight
         self.bias = bias
 
     def linear(self, layer: Int4Linear, x: torch.Tensor) -> torch.Tensor:
         if layer.terms == 1:  # the kernel adds the bias itself
-            return native.int4_linear(x, self.weight, self.bias)
-        return layer.sum_terms(native.int4_linear(x, self.weight))
+            return ops.int4_linear(x, self.weight, self.bias)
+        return layer.sum_terms(ops.int4_linear(x, self.weight))
 
     def nbytes(self, layer: Int4Linear) -> int:
         return self.weight.packed.nbytes + self.weight.scale.nbytes + _bias_bytes(layer)
@@ -198,12 +198,12 @@ class Int4Linear(nn.Module):
         """Pick the backend once for ``dtype`` activations (after the checkpoint tensors are loaded). A
         packed backend then drops the official tensors (they would double the weight memory), passing
         the packed int8 one to ``release`` first. ``use_native`` (the caller checked
-        ``native.available()``) picks the native kernel for bfloat16 CPU activations."""
+        ``build.available()``) picks the native kernel for bfloat16 CPU activations."""
         if self.backend is not DEQUANTIZED or self.weight.device.type != "cpu":
             return
         if use_native and dtype == torch.bfloat16:
             bias = None if self.bias is None else self.bias.detach().float().contiguous()
-            self.backend = NativeInt4(native.PackedInt4.from_official(self.weight, self.weight_scale), bias)
+            self.backend = NativeInt4(layout.PackedInt4.from_official(self.weight, self.weight_scale), bias)
         else:
             group = _group_size(self.in_features)
             packs = self.weight.shape[0] % _ROW_MULTIPLE == 0 and dtype in (torch.bfloat16, torch.float16)

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import pytest
 
-from bot.model.kernels import native
+from bot.model.kernels import build
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FIXTURE_DIR = REPO_ROOT / "tests" / "fixtures" / "chatglm2"
@@ -46,9 +46,9 @@ def expected_real_tokenizer() -> dict[str, Any]:
 def require_native_kernel() -> None:
     """Skip the calling test where the native kernel is unavailable (no compiler, a failed build, an
     unsupported CPU), with the reason; under BOT_TEST_REQUIRE_KERNEL=1 fail it instead."""
-    if native.available():
+    if build.available():
         return
-    reason = f"native kernel unavailable here: {native.backend_name()}"
+    reason = f"native kernel unavailable here: {build.backend_name()}"
     if REQUIRE_KERNEL:
         pytest.fail(f"{reason}; BOT_TEST_REQUIRE_KERNEL=1 requires it", pytrace=False)
     pytest.skip(reason)

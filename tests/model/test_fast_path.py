@@ -21,7 +21,7 @@ import torch
 from bot.model.int4 import dequantize as dequantize_int4
 from bot.model.int4 import quantize as quantize_int4
 from bot.model.int4 import quantize_terms as quantize_int4_terms
-from bot.model.kernels import native
+from bot.model.kernels import build
 from bot.model.loader import load_model
 from bot.model.model import ChatGLM2
 from bot.model.quant import Int4Linear
@@ -150,7 +150,7 @@ def test_fast_path_greedy_tokens_and_logits_within_tolerance(
 @pytest.mark.usefixtures("no_kernel")
 def test_without_the_kernel_auto_is_exactly_the_torch_path() -> None:
     auto, _, _ = load_model(tiny_dir("int4"), dtype="bfloat16", device="cpu")
-    native.configure(enabled=True)
+    build.configure(enabled=True)
     torch_path, _, _ = load_model(tiny_dir("int4"), dtype="bfloat16", device="cpu", int4_kernel="torch")
     case = expected()["int4"][0]
     assert torch.equal(teacher_forced_logits(auto, case), teacher_forced_logits(torch_path, case))

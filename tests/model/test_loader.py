@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from bot.model import loader
-from bot.model.kernels import native
+from bot.model.kernels import build
 from bot.model.loader import ModelLoadError, load_model, resolve_model_path
 from bot.model.model import ChatGLM2
 from bot.model.quant import Int4Linear
@@ -112,7 +112,7 @@ def test_auto_dtype_is_bfloat16_with_the_fastest_int4_kernel_for_an_fp16_checkpo
     with caplog.at_level(logging.INFO, logger="bot.model.loader"):
         model, _, _ = load_model(tiny_dir("int4"), device="cpu")  # config torch_dtype float16
     assert model.compute_dtype == torch.bfloat16
-    want = "native" if native.available() else "packed-cpu"
+    want = "native" if build.available() else "packed-cpu"
     assert int4_layer_backends(model) == {want}
     assert sum(f"int4 matmul {want}" in r.getMessage() for r in caplog.records) == 1  # logged once
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from bot.model.config import ChatGLM2Config
 from bot.model.int4 import quantize as quantize_int4
-from bot.model.kernels import native
+from bot.model.kernels import ops
 from bot.model.model import ChatGLM2, RMSNorm, rope_cache
 from bot.model.native_layers import (
     NativeAttention,
@@ -49,11 +49,11 @@ def within_one_rounding(got: torch.Tensor, want: torch.Tensor, slack: float = 1e
 
 def test_rms_norm_is_one_rounding_of_float32_math_and_per_row() -> None:
     x, weight = randn(5, 4096, seed=0, scale=3).bfloat16(), (1 + randn(4096, seed=1, scale=0.1)).bfloat16()
-    got = native.rms_norm(x, weight, 1e-5)
+    got = ops.rms_norm(x, weight, 1e-5)
     xf = x.float()
     want = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * weight.float()
     assert got.dtype == torch.bfloat16 and within_one_rounding(got, want)
-    alone = torch.cat([native.rms_norm(x[i : i + 1], weight, 1e-5) for i in range(5)])
+    alone = torch.cat([ops.rms_norm(x[i : i + 1], weight, 1e-5) for i in range(5)])
     assert torch.equal(got, alone)
 
 
@@ -73,12 +73,12 @@ def test_swiglu_is_one_rounding_of_float32_math_even_for_large_gates() -> None:
     x = randn(3, 2 * 272, seed=4, scale=4)
     x[0, :16] = torch.tensor([-100.0, -88.0, -30.0, -1e-3, 0.0, 1e-3, 30.0, 88.0, 100.0, 1e4] + [-1e4] * 6)
     x = x.bfloat16()
-    got = native.swiglu(x)
+    got = ops.swiglu(x)
     gate, up = x.float().chunk(2, dim=-1)
     want = F.silu(gate) * up
     assert got.shape == (3, 272) and torch.isfinite(got.float()).all()
     assert within_one_rounding(got, want, slack=1e-30)
-    alone = torch.cat([native.swiglu(x[i : i + 1]) for i in range(3)])
+    alone = torch.cat([ops.swiglu(x[i : i + 1]) for i in range(3)])
     assert torch.equal(got, alone)
 
 
@@ -94,7 +94,7 @@ def test_rope_cache_write_rotates_q_and_k_and_writes_the_given_slots() -> None:
     positions, rows = torch.tensor([0, 7, 31]), torch.tensor([2, 0, 2])
     k_cache, v_cache = caches(3, slots)
     rotated = qkv.clone()
-    native.rope_cache_write(rotated, positions, rows, table, heads, k_cache, v_cache)
+    ops.rope_cache_write(rotated, positions, rows, table, heads, k_cache, v_cache)
     heads_in = qkv[:, : (heads + groups) * dim].float().view(3, 1, heads + groups, dim)
     want = apply_rope(heads_in, table.float()[positions][:, None]).view(3, -1)
     assert within_one_rounding(rotated[:, : (heads + groups) * dim], want, slack=1e-5)
@@ -115,11 +115,11 @@ def test_rope_cache_write_refuses_bad_positions_rows_and_shapes() -> None:
     k_cache, v_cache = caches(2, 8)
     qkv = torch.zeros(1, 8 * 16, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="outside the 8 cache slots"):
-        native.rope_cache_write(qkv, torch.tensor([8]), torch.tensor([0]), table, 4, k_cache, v_cache)
+        ops.rope_cache_write(qkv, torch.tensor([8]), torch.tensor([0]), table, 4, k_cache, v_cache)
     with pytest.raises(RuntimeError, match="outside the 2 cache rows"):
-        native.rope_cache_write(qkv, torch.tensor([0]), torch.tensor([2]), table, 4, k_cache, v_cache)
+        ops.rope_cache_write(qkv, torch.tensor([0]), torch.tensor([2]), table, 4, k_cache, v_cache)
     with pytest.raises(RuntimeError, match="features"):
-        native.rope_cache_write(qkv, torch.tensor([0]), torch.tensor([0]), table, 3, k_cache, v_cache)
+        ops.rope_cache_write(qkv, torch.tensor([0]), torch.tensor([0]), table, 3, k_cache, v_cache)
     assert not k_cache.any() and not v_cache.any()
 
 
