@@ -5,7 +5,7 @@ One new token per cache row over bfloat16 caches of 32 query heads, 2 key/value 
 for the 28 layers of one decode step (no checkpoint needed: attention's cost does not depend on the
 values).
 
-    python bench/attention.py [--threads 2] [--contexts 128 1150 2048] [--rows 1 8] [--repeats 20]
+    python -m bench.attention [--threads 2] [--contexts 128 1150 2048] [--rows 1 8] [--repeats 20]
 
 prints JSON: {"28_layers_ms": {"<context>": {"<rows>": {"compiled": ms, "pytorch": ms}}}, ...}.
 """
@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as python bench/<name>.py: import from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bot.model.kernels import build, ops
 from bot.model.model import decode_attention

@@ -7,17 +7,22 @@ Weights are random; a pool of distinct layers (bigger than the L3 cache) is cycl
 matmul reads its weights from memory, as in the model. Timings are the minimum over --repeats passes,
 since other processes on the machine make single runs noisy.
 
-    .venv/bin/python bench/kernel.py [--threads 2] [--repeats 5] [--tokens 1 64] [--no-baselines] [--no-amx]
+    python -m bench.kernel [--threads 2] [--repeats 5] [--tokens 1 64] [--no-baselines] [--no-amx]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+if __package__ in (None, ""):  # run as python bench/<name>.py: import from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bot.model.kernels import build, layout, ops
 
