@@ -10,7 +10,7 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
-def clean_text(text: str) -> str:
+def clean_user_text(text: str) -> str:
     """Normalise newlines, drop control characters and replace lone surrogates with U+FFFD; a
     text with nothing visible becomes empty.
 
@@ -28,3 +28,7 @@ def _visible(char: str) -> bool:
     controls: Unicode category Cf). Those stay inside text (a ZWJ joins an emoji sequence), but a
     message made only of them is empty."""
     return not char.isspace() and unicodedata.category(char) != "Cf"
+
+
+# The name bot/core.py imports; adapters/slack_events.py has a clean_text of its own (Slack markup).
+clean_text = clean_user_text

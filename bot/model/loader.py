@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from bot.model import int4
-from bot.model.config import ChatGLM2Config, ConfigError
+from bot.model.config import ChatGLM2Config, ModelConfigError
 from bot.model.kernels import build
 from bot.model.model import QUANTIZED_LINEARS, ChatGLM2
 from bot.model.native_layers import use_native_layers
@@ -117,7 +117,7 @@ def load_model(
     folder = resolve_model_path(path)
     try:
         config = ChatGLM2Config.from_json(folder / "config.json")
-    except ConfigError as exc:
+    except ModelConfigError as exc:
         raise ModelLoadError(str(exc)) from None
     tokenizer_path = folder / "tokenizer.model"
     try:
