@@ -9,8 +9,8 @@ when config.json says ``quantization_bit: 4`` or ``quantize=4`` is asked (the of
 
 The int4 matmul backend (``int4_kernel``) is chosen here and logged once per load: the native
 kernel (AVX512-VNNI or AVX2) for bfloat16 compute on CPU where it is available (it then also runs the
-output layer, quantized on load as two int4 terms: ~4.4 ms per token measured, vs ~35 ms in bf16), else
-PyTorch's packed int4 kernel; float32 compute always runs the exact dequantized reference.
+output layer, quantized on load as two int4 terms), else PyTorch's packed int4 kernel; float32 compute
+always runs the exact dequantized reference. Why, with the measurements: bot/model/README.md.
 """
 
 from __future__ import annotations
@@ -51,9 +51,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 _INT4_KERNELS = ("auto", "native", "torch")
 _OUTPUT_LAYER = "output_layer"
 # The output layer's int4 form on the native kernel: two terms keep the logits at about int8 precision
-# (one per-row int4 term moved the tiny fixture's logits by ~40 % of their spread and flipped greedy
-# tokens; see tests/model/test_fast_path.py) for ~4.4 ms per token (measured, full size) instead of
-# ~35 ms in bf16.
+# (one term flips greedy tokens; tests/model/test_fast_path.py), far cheaper than bf16 (bot/model/README.md).
 OUTPUT_LAYER_TERMS = 2
 
 
