@@ -8,8 +8,8 @@ namespace {
 
 #ifdef INT4_AMX
 // Each block's sums leave the tiles through memory (every block has its own activation scales), a
-// chain of ~200 cycles per block whatever the token count: measured slower than VPDPBUSD up to ~8 token
-// rows, ~12 % faster at 16 and ~20 % at 64 (h_to_4h, 2 threads).
+// chain of ~200 cycles per block whatever the token count, so AMX pays off only from many token rows
+// on (measured: bot/model/README.md, kernel tuning).
 constexpr int64_t kAmxMinTokens = 16;
 constexpr int64_t kAmxRows = 16;       // token rows per A tile
 constexpr int64_t kAmxMaxTokens = 64;  // token rows per pass over a weight tile (float sums on the stack)

@@ -155,9 +155,9 @@ void run_rows(const Problem& p, int64_t tile, int64_t t0, int r0, Out* y) {
   }
 }
 
-// One token row takes the tile's four 8-row groups in one pass, reading the tile front to back (two
-// passes over alternate cache lines measured ~3x slower); more token rows take two groups at a time so
-// their accumulators fit the 16 ymm registers.
+// One token row takes the tile's four 8-row groups in one pass, reading the tile front to back (not in
+// two passes over alternate cache lines, which is far slower); more token rows take two groups at a
+// time so their accumulators fit the 16 ymm registers.
 template <int T, typename Out>
 void run_tile(const Problem& p, int64_t tile, int64_t t0, Out* y) {
   constexpr int R = T == 1 ? 4 : T <= 4 ? 2 : 1;

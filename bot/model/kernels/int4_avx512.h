@@ -137,8 +137,8 @@ void run_tile(const Problem& p, int64_t tile, int64_t t0, Out* y) {
   store_tile(p, tile, t0, T, y, [&](int64_t t, int g) { return acc[t][g]; });
 }
 
-// Blocks per turn in run_pair (1 KB of a tile's weights): measured with 8 rows on a Xeon, 1 and 2
-// blocks alike, 4 and 8 slower.
+// Blocks per turn in run_pair (1 KB of a tile's weights): the fastest of 1, 2, 4 and 8 (measured:
+// bot/model/README.md, kernel tuning).
 constexpr int64_t kPairChunk = 2;
 
 // kMaxTokens + R token rows (a batched decode step of 5-8 rows) over one weight tile: the two token

@@ -24,12 +24,9 @@ constexpr int64_t kStepBytes = 128;  // one tile's 8 k-values: 32 rows x 8 nibbl
 constexpr int64_t kSteps = kBlock / 8;
 constexpr int kMaxTokens = 4;        // token rows sharing each unpacked weight register
 // How far ahead the first VPDPBUSD pass over a weight tile (decode: 1-4 token rows, and the first group
-// of 5-8) prefetches its weights: 4 blocks, on Intel CPUs only. Measured (2 threads, weights from
-// memory): on a Xeon, one row read h_to_4h at 23.3 GB/s, the machine's read bandwidth, against
-// 21.6-22.5 GB/s with the hardware prefetcher alone (1 KB and 4 KB did no better), and 4 rows took the
-// 28 layers ~119 ms instead of ~134 ms; on an AMD EPYC (Zen 4) the 28 layers read 31.3 GB/s with it and
-// 32.8 GB/s without (1 thread: 18.4 vs 21.9), and 1 KB, 4 KB and the T1/NTA hints were slower too.
-// Prefetches past the end of the weights are harmless (they never fault).
+// of 5-8) prefetches its weights: 4 blocks, on Intel CPUs only; on AMD the hardware prefetcher alone
+// is faster (measured: bot/model/README.md, kernel tuning). Prefetches past the end of the weights
+// are harmless (they never fault).
 constexpr int64_t kPrefetchBytes = 2048;
 const bool g_prefetch = [] {
   __builtin_cpu_init();  // this may run before libgcc's own initializer does

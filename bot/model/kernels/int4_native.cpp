@@ -49,10 +49,11 @@ bool use_amx(int64_t) { return false; }
 using Clock = std::chrono::steady_clock;
 
 // When another process holds a core, a parallel call ends waiting at OpenMP's barrier for a descheduled
-// thread, one scheduler slice (~4-8 ms) per matmul: a 2-thread decode measured ~4-10x slower on this
-// 2-core machine, while one thread lost little. So after a stall that costs a call more than a third of
-// its work, the matmuls run on the calling thread alone for kSerialFor, then try the threads again.
-// Long matmuls (prefill) keep their threads: a stall is small next to them.
+// thread, one scheduler slice per matmul: a 2-thread decode on a 2-core machine then runs several
+// times slower, while one thread loses little (measured: bot/model/README.md, kernel tuning). So after
+// a stall that costs a call more than a third of its work, the matmuls run on the calling thread alone
+// for kSerialFor, then try the threads again. Long matmuls (prefill) keep their threads: a stall is
+// small next to them.
 constexpr auto kSerialFor = std::chrono::milliseconds(200);
 constexpr auto kStallSlack = std::chrono::microseconds(1000);
 constexpr int64_t kLongCallMacs = int64_t{1} << 30;  // ~3 ms on two cores
@@ -104,8 +105,8 @@ void with_count(int64_t rest, const F& f) {
 
 template <typename X>
 void run(const Problem& p, const X* x, int64_t n, int64_t k, X* y, int64_t tiles, bool amx) {
-  // Serial: ~1 us per 4096 values, a few percent of a prefill matmul, and a parallel call this short
-  // would be all stall under contention.
+  // Serial: a few percent of a prefill matmul, and a parallel call this short would be all stall under
+  // contention.
   for (int64_t r = 0; r < n; ++r) {
     p.corr[r] = quantize_row(x + r * k, k, p.kp, p.q + r * p.kp, p.sx + r * p.nb);
   }
@@ -193,7 +194,7 @@ torch::Tensor int4_linear(const torch::Tensor& x, const torch::Tensor& packed, c
 namespace {
 
 // Zeroed memory for packed weights on 2 MiB-aligned transparent huge pages where the kernel allows them
-// (THP "madvise" mode is common): a decode streams every weight once, and 4 KiB pages cost it ~10-15%.
+// (THP "madvise" mode is common): a decode streams every weight once, and 4 KiB pages slow it down.
 torch::Tensor alloc_weights(int64_t nbytes) {
   TORCH_CHECK(nbytes > 0, "nbytes must be positive");
   constexpr uintptr_t kHuge = 2u << 20;
