@@ -36,7 +36,7 @@ if __package__ in (None, ""):  # run as python bench/<name>.py: import from the 
 
 from bench import common
 from bot.generation import GenerationParams, GenerationRequest, Turn
-from bot.model.chat import ChatGLM2Generator, ChatState
+from bot.model.engine import ChatGLM2Generator, ChatState
 from bot.service import ModelService
 
 WORDS = ("river", "quiet", "mountain", "number", "yellow", "answer", "garden", "window", "train", "paper")

@@ -50,11 +50,11 @@ if __package__ in (None, ""):  # run as python bench/<name>.py: import from the 
 
 from bench import chat, common, peers
 from bench.bandwidth import measure_read_bandwidth
-from bot.model.generate import decode_one_token, prefill
 from bot.model.kernels import build
 from bot.model.loader import load_model
 from bot.model.model import ChatGLM2, RMSNorm
 from bot.model.quant import Int4Linear, int4_backends
+from bot.model.sampling import decode_one_token, prefill
 from bot.model.threads import default_threads
 
 # Issue 6's targets on the 2-core machine: 1.2x llama.cpp's decode (~10.4 tokens/s), 2x its prefill

@@ -10,7 +10,7 @@ from typing import Any, Literal
 import pytest
 
 from bot.generation import GenerationParams, GenerationRequest
-from bot.model.chat import ChatGLM2Generator, ChatState
+from bot.model.engine import ChatGLM2Generator, ChatState
 from bot.service import ModelService
 from tests.model.fixture import expected, tiny_dir
 
