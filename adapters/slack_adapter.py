@@ -37,11 +37,11 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from adapters.slack_events import (
     PLATFORM,
-    clean_text,
     command_message,
     deleted_message,
     mentioned_users,
     parse_command,
+    slack_markup_to_text,
     to_message,
 )
 from adapters.slack_reply import (
@@ -182,7 +182,7 @@ class SlackAdapter:
         return replace(
             message,
             author_name=names.get(message.author_id, message.author_id),
-            text=clean_text(source, self._bot_user_id, names),
+            text=slack_markup_to_text(source, self._bot_user_id, names),
         )
 
     # --- connection -----------------------------------------------------------------------

@@ -41,7 +41,7 @@ def mentioned_users(text: str) -> set[str]:
     return {match.group(1) for match in _USER_MENTION.finditer(text)}
 
 
-def clean_text(text: str, bot_user_id: str, names: Mapping[str, str]) -> str:
+def slack_markup_to_text(text: str, bot_user_id: str, names: Mapping[str, str]) -> str:
     """What the model reads: the bot's own mention removed, other mentions and links as plain
     text, and Slack's ``&amp; &lt; &gt;`` escapes undone."""
 
@@ -130,7 +130,7 @@ def to_message(
         channel=ChannelRef(PLATFORM, channel, conversation_ts),
         author_id=user,
         author_name=names.get(user, user),
-        text=clean_text(text, bot_user_id, names),
+        text=slack_markup_to_text(text, bot_user_id, names),
         is_direct=is_direct,
         received_at=_timestamp(ts),
         raw=raw,
@@ -175,7 +175,7 @@ def command_message(
         channel=ChannelRef(PLATFORM, channel, conversation_ts),
         author_id=user,
         author_name=names.get(user, user),
-        text=clean_text(text, "", names),
+        text=slack_markup_to_text(text, "", names),
         is_direct=channel.startswith("D"),
         raw=raw,
         command=command,

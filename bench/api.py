@@ -36,13 +36,14 @@ import aiohttp
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+if __package__ in (None, ""):  # run as python bench/<name>.py: import from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.chat import DEFAULT_MODEL, query, timed  # noqa: E402
-from bot.generation import GenerationParams, GenerationRequest, Turn  # noqa: E402
-from bot.model.chat import ChatGLM2Generator  # noqa: E402
-from bot.service import ModelService  # noqa: E402
+from bench import common
+from bench.chat import query, timed
+from bot.generation import GenerationParams, GenerationRequest, Turn
+from bot.model.engine import ChatGLM2Generator
+from bot.service import ModelService
 
 START_TIMEOUT_S = 900.0  # a full-size checkpoint's first start compiles the int4 kernel
 
@@ -197,7 +198,7 @@ def api_server(args: Any) -> Iterator[str]:
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "bot", "api", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=REPO_ROOT,
+            cwd=Path(__file__).resolve().parents[1],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -269,7 +270,7 @@ def run(args: Any) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--model", type=Path, default=common.DEFAULT_MODEL)
     parser.add_argument("--url", help="an already running server's /v1 URL (default: start one)")
     parser.add_argument("--api-key", default=os.environ.get("BOT_API_KEY", ""), help="its BOT_API_KEY")
     parser.add_argument("--threads", type=int, default=2)

@@ -5,7 +5,7 @@ One new token per cache row over bfloat16 caches of 32 query heads, 2 key/value 
 for the 28 layers of one decode step (no checkpoint needed: attention's cost does not depend on the
 values).
 
-    python bench/attention.py [--threads 2] [--contexts 128 1150 2048] [--rows 1 8] [--repeats 20]
+    python -m bench.attention [--threads 2] [--contexts 128 1150 2048] [--rows 1 8] [--repeats 20]
 
 prints JSON: {"28_layers_ms": {"<context>": {"<rows>": {"compiled": ms, "pytorch": ms}}}, ...}.
 """
@@ -21,9 +21,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as python bench/<name>.py: import from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bot.model.kernels import native
+from bot.model.kernels import build, ops
 from bot.model.model import decode_attention
 
 HEADS, GROUPS, DIM, LAYERS = 32, 2, 128, 28
@@ -52,8 +53,8 @@ def measure(context: int, rows: int, repeats: int) -> dict[str, float]:
     result = {
         "pytorch": LAYERS * time_ms(lambda: decode_attention(q[:, :, None], k_seen, v_seen, mask), repeats)
     }
-    if native.available():
-        result["compiled"] = LAYERS * time_ms(lambda: native.decode_attention(q, k, v, positions), repeats)
+    if build.available():
+        result["compiled"] = LAYERS * time_ms(lambda: ops.decode_attention(q, k, v, positions), repeats)
     return {name: round(ms, 2) for name, ms in result.items()}
 
 
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("contexts, rows and repeats must be positive")
     torch.set_num_threads(args.threads)
     report = {
-        "kernel": native.backend_name(),
+        "kernel": build.backend_name(),
         "threads": args.threads,
         "timing": "min over repeats",
         "28_layers_ms": {

@@ -4,7 +4,7 @@ Token generation on CPU streams every weight once per token, so tokens/s is boun
 read bandwidth / bytes of weights. This sums a large float32 buffer with the thread count
 inference uses and keeps the best of several passes.
 
-    python bench/bandwidth.py [--seconds 2] [--threads N] [--size-mb 1024]
+    python -m bench.bandwidth [--seconds 2] [--threads N] [--size-mb 1024]
 
 prints JSON: {"read_gb_per_s": ..., "threads": ..., "size_mb": ...}.
 """

@@ -13,7 +13,7 @@ first. Decode throughput for N conversations: N requests (no conversation key: t
 the prompt header with earlier ones) are queued at once, and tokens are counted from the moment the
 last one streamed its first text (all prefills done) until all are done.
 
-    python bench/chat.py [--model DIR] [--threads 2] [--turns 10] [--concurrency 1 2 4 8] --json
+    python -m bench.chat [--model DIR] [--threads 2] [--turns 10] [--concurrency 1 2 4 8] --json
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -32,40 +31,15 @@ from typing import Any
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+if __package__ in (None, ""):  # run as python bench/<name>.py: import from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bot.generation import GenerationParams, GenerationRequest, Turn  # noqa: E402
-from bot.model.chat import ChatGLM2Generator, ChatState  # noqa: E402
-from bot.service import ModelService  # noqa: E402
+from bench import common
+from bot.generation import GenerationParams, GenerationRequest, Turn
+from bot.model.engine import ChatGLM2Generator, ChatState
+from bot.service import ModelService
 
-DEFAULT_MODEL = Path.home() / ".cache" / "chatglm-bot" / "bench" / "int4"
 WORDS = ("river", "quiet", "mountain", "number", "yellow", "answer", "garden", "window", "train", "paper")
-
-
-_STATUS = Path("/proc/self/status")
-_CLEAR_REFS = Path("/proc/self/clear_refs")
-
-
-def reset_peak_rss() -> bool:
-    """Start a new peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM), so that a run inside
-    bench/decode.py's process does not report the memory of what ran before it; False where it cannot."""
-    try:
-        _CLEAR_REFS.write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-def peak_rss_gb() -> float:
-    """Peak resident memory since the last ``reset_peak_rss`` (VmHWM), else since the process began."""
-    try:
-        for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024 / 1e9  # kB
-    except (OSError, ValueError, IndexError):
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB
 
 
 def query(generator: ChatGLM2Generator, seed: int, tokens: int) -> str:
@@ -204,7 +178,7 @@ async def run(args: Any) -> dict[str, Any]:
             prefix_cache_mb=args.prefix_cache_mb,
         )
 
-    peak_scope = "this run" if reset_peak_rss() else "the whole process"
+    peak_scope = "this run" if common.reset_peak_rss() else "the whole process"
     service = ModelService(load, queue_size=64, timeout_s=24 * 3600)
     started = time.perf_counter()
     await service.start()
@@ -230,7 +204,7 @@ async def run(args: Any) -> dict[str, Any]:
     finally:
         await service.close()
     report["kv_copy_ms_per_1k_tokens"] = round(kv_copy_ms_per_1k_tokens(generator), 2)
-    report["peak_rss_gb"] = round(peak_rss_gb(), 2)
+    report["peak_rss_gb"] = round(common.peak_rss_gb(), 2)
     report["peak_rss_scope"] = peak_scope
     report["load_avg"] = [round(x, 2) for x in os.getloadavg()]
     return report
@@ -256,7 +230,7 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--model", type=Path, default=common.DEFAULT_MODEL)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     add_arguments(parser)

@@ -20,7 +20,7 @@ and ``ratio_to_llama_cpp`` gives this engine's decode and prefill over llama.cpp
 ``chatglm-cpp`` is installed, chatglm.cpp does the same on a q4_0 file in its own format
 (``ratio_to_chatglm_cpp``).
 
-    python bench/decode.py [--model DIR] [--threads 0] [--dtype auto] [--int4-kernel auto]
+    python -m bench.decode [--model DIR] [--threads 0] [--dtype auto] [--int4-kernel auto]
                            [--prompt-tokens 512] [--new-tokens 128] [--repeats 3] [--no-chat]
                            [--no-peers]
 
@@ -45,19 +45,18 @@ from typing import Any
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+if __package__ in (None, ""):  # run as python bench/<name>.py: import from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import chat, peers  # noqa: E402
-from bench.bandwidth import measure_read_bandwidth  # noqa: E402
-from bot.model.generate import decode_one_token, prefill  # noqa: E402
-from bot.model.kernels import native  # noqa: E402
-from bot.model.loader import load_model  # noqa: E402
-from bot.model.model import ChatGLM2, RMSNorm  # noqa: E402
-from bot.model.quant import Int4Linear, int4_backends  # noqa: E402
-from bot.model.threads import default_threads  # noqa: E402
+from bench import chat, common, peers
+from bench.bandwidth import measure_read_bandwidth
+from bot.model.kernels import build
+from bot.model.loader import load_model
+from bot.model.model import ChatGLM2, RMSNorm
+from bot.model.quant import Int4Linear, int4_backends
+from bot.model.sampling import decode_one_token, prefill
+from bot.model.threads import default_threads
 
-DEFAULT_MODEL = Path.home() / ".cache" / "chatglm-bot" / "bench" / "int4"
 # Issue 6's targets on the 2-core machine: 1.2x llama.cpp's decode (~10.4 tokens/s), 2x its prefill
 # (~24 tokens/s); issue 5's are 0.55 of the roofline, 2x chatglm.cpp's prefill (~8 tokens/s).
 DECODE_TARGET = 12.5
@@ -98,23 +97,12 @@ def bytes_per_token(model: ChatGLM2, context: int) -> int:
     total = 0
     for module in model.modules():
         if isinstance(module, Int4Linear):
-            packed, native_packed = module.packed_cpu, module.packed_native
-            if native_packed is not None:
-                total += native_packed.packed.nbytes + native_packed.scale.nbytes
-            elif packed is not None:
-                total += packed.weight.nbytes + packed.scales_and_zeros.nbytes
-            else:
-                total += module.weight.nbytes + module.weight_scale.nbytes
-            total += module.bias.nbytes if module.bias is not None else 0
+            total += module.backend.nbytes(module)
         elif isinstance(module, torch.nn.Linear | RMSNorm):  # the embedding reads one row: skipped
             total += sum(p.nbytes for p in module.parameters(recurse=False))
     config = model.config
     kv = config.num_layers * 2 * config.kv_groups * config.head_dim * model.rope.element_size()
     return total + kv * context
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is KiB on Linux
 
 
 def busy_cpu_seconds() -> tuple[float, float]:
@@ -142,7 +130,7 @@ def measure(model: ChatGLM2, prompt: torch.Tensor, new_tokens: int, vocab_size: 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--model", type=Path, default=common.DEFAULT_MODEL)
     parser.add_argument("--threads", type=int, default=0, help="0: the bot's default (default_threads())")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     parser.add_argument("--int4-kernel", default="auto", choices=("auto", "native", "torch"))
@@ -175,14 +163,14 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     model, tokenizer, _ = load_model(args.model, dtype=args.dtype, device="cpu", int4_kernel=args.int4_kernel)
     load_s = time.perf_counter() - started
-    rss_after_load = peak_rss_gb()
+    rss_after_load = common.peak_rss_gb()
     model.setup_caches(1, args.prompt_tokens + args.new_tokens)
 
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, tokenizer.sp_vocab_size, (args.prompt_tokens,), generator=gen)
     prompt[:2] = torch.tensor([tokenizer.gmask_id, tokenizer.sop_id])
     runs = [measure(model, prompt, args.new_tokens, tokenizer.vocab_size) for _ in range(args.repeats)]
-    rss_after_decode = peak_rss_gb()  # before the bandwidth probe allocates its buffer
+    rss_after_decode = common.peak_rss_gb()  # before the bandwidth probe allocates its buffer
     busy_end = busy_cpu_seconds()
     other_cores = (busy_end[0] - busy_start[0] - (busy_end[1] - busy_start[1])) / (
         time.perf_counter() - wall_start
@@ -199,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": threads,
         "dtype": str(model.compute_dtype).removeprefix("torch."),
         "int4_backend": ", ".join(int4_backends(model)),
-        "native_kernel": native.backend_name(),
+        "native_kernel": build.backend_name(),
         "output_layer": type(model.transformer.output_layer).__name__,
         "load_s": round(load_s, 2),
         "peak_rss_gb_after_load": round(rss_after_load, 2),

@@ -7,19 +7,24 @@ Weights are random; a pool of distinct layers (bigger than the L3 cache) is cycl
 matmul reads its weights from memory, as in the model. Timings are the minimum over --repeats passes,
 since other processes on the machine make single runs noisy.
 
-    .venv/bin/python bench/kernel.py [--threads 2] [--repeats 5] [--tokens 1 64] [--no-baselines] [--no-amx]
+    python -m bench.kernel [--threads 2] [--repeats 5] [--tokens 1 64] [--no-baselines] [--no-amx]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from bot.model.kernels import native
+if __package__ in (None, ""):  # run as python bench/<name>.py: import from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bot.model.kernels import build, layout, ops
 
 LAYER_SHAPES = {
     "qkv": (4608, 4096),
@@ -41,8 +46,8 @@ def random_official(out: int, in_features: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def native_matmul(out: int, in_features: int) -> Matmul:
-    w = native.PackedInt4.from_official(*random_official(out, in_features))
-    return lambda x: native.int4_linear(x, w)
+    w = layout.PackedInt4.from_official(*random_official(out, in_features))
+    return lambda x: ops.int4_linear(x, w)
 
 
 def int4pack_matmul(out: int, in_features: int) -> Matmul:
@@ -109,11 +114,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.no_amx:
-        native.set_amx(False)
+        build.set_amx(False)
     methods = ["native"] if args.no_baselines else list(METHODS)
     layer_params = sum(o * i for o, i in LAYER_SHAPES.values())
     result: dict[str, object] = {
-        "backend": native.backend_name(),
+        "backend": build.backend_name(),
         "threads": args.threads,
         "repeats": args.repeats,
         "timing": "min over repeats; other processes share the cores",

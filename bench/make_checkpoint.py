@@ -6,7 +6,7 @@ without downloading the 6B weights. Values are random with realistic scales: lin
 ~N(0, 0.02) (int4: per-row fp16 scales chosen so the dequantised weights have that spread),
 RMSNorm weights ~1, the exact RoPE inv_freq.
 
-    python bench/make_checkpoint.py [--kind int4|fp16] [--out DIR] [--tiny]
+    python -m bench.make_checkpoint [--kind int4|fp16] [--out DIR] [--tiny]
 
 prints the folder. Built once: a folder holding a matching ``.complete`` marker is reused.
 Tensors are generated into memory-mapped scratch files one at a time, so memory stays low while
@@ -29,11 +29,18 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+if __package__ in (None, ""):  # run as python bench/<name>.py: import from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import common
+from bot.model import int4
+
 Kind = Literal["int4", "fp16"]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-REAL_TOKENIZER = REPO_ROOT.parent / "shared" / "fixtures" / "chatglm2" / "real-tokenizer" / "tokenizer.model"
-TINY_TOKENIZER = REPO_ROOT / "tests" / "fixtures" / "chatglm2" / "chatglm2-tiny-int4" / "tokenizer.model"
+REAL_TOKENIZER = (
+    common.REPO_ROOT.parent / "shared" / "fixtures" / "chatglm2" / "real-tokenizer" / "tokenizer.model"
+)
+TINY_TOKENIZER = common.FIXTURE_DIR / "chatglm2-tiny-int4" / "tokenizer.model"
 REAL_VOCAB = 64794  # SentencePiece pieces + 5 GLM special tokens of the real tokenizer
 MARKER = ".complete"
 FP16_SHARDS = 7
@@ -163,13 +170,6 @@ def tensor_specs(config: Mapping[str, Any], kind: Kind) -> list[TensorSpec]:
     return specs
 
 
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """Official int4 packing: packed[i, j] = (q[i, 2j] << 4) | (q[i, 2j+1] & 0xF), as int8."""
-    q16 = q.to(torch.int16)
-    packed = ((q16[:, 0::2] << 4) | (q16[:, 1::2] & 0xF)) & 0xFF
-    return packed.to(torch.uint8).view(torch.int8)
-
-
 def _fill(out: torch.Tensor, spec: TensorSpec, gen: torch.Generator) -> None:
     if spec.init == "inv_freq":  # RoPE over half of each head, as the official RotaryEmbedding
         dim = 2 * spec.shape[0]
@@ -183,7 +183,7 @@ def _fill(out: torch.Tensor, spec: TensorSpec, gen: torch.Generator) -> None:
         x = torch.randn(rows, cols, generator=gen)
         if spec.init == "int4":
             # Rounded weights / (max|w| / 7): a row of N(0, s) weights has max ~3.9 s.
-            chunk = pack_int4(x.mul_(7 / 3.9).round_().clamp_(-7, 7))
+            chunk = int4.pack(x.mul_(7 / 3.9).round_().clamp_(-7, 7))
         elif spec.init == "scale":  # dequantised weights q * scale then have std ~0.02
             chunk = 0.02 * (3.4 + torch.rand(rows, cols, generator=gen)) / 7
         elif spec.init == "norm":
@@ -222,7 +222,7 @@ def _write_bin(path: Path, specs: list[TensorSpec], gen: torch.Generator, scratc
 
 
 def default_dir(kind: Kind, tiny: bool = False) -> Path:
-    return Path.home() / ".cache" / "chatglm-bot" / "bench" / (f"{kind}-tiny" if tiny else kind)
+    return common.BENCH_CACHE / (f"{kind}-tiny" if tiny else kind)
 
 
 def build_checkpoint(

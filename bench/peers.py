@@ -13,7 +13,7 @@ CMake 4) loads its own GGML file. Its converter needs the official remote code a
 0.4.2: magic, model type, a version-2 config record, the tokenizer's sentencepiece proto, then each
 tensor's name, shape, type and 16-byte-aligned data), again with random q4_0 weights.
 
-    python bench/peers.py [--model DIR] [--threads 2] [--prompt-tokens 512] [--new-tokens 128]
+    python -m bench.peers [--model DIR] [--threads 2] [--prompt-tokens 512] [--new-tokens 128]
 """
 
 from __future__ import annotations
@@ -22,13 +22,18 @@ import argparse
 import importlib.util
 import json
 import struct
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-DEFAULT_MODEL = Path.home() / ".cache" / "chatglm-bot" / "bench" / "int4"
+if __package__ in (None, ""):  # run as python bench/<name>.py: import from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import common
+
 Q4_0_BLOCK, Q4_0_BYTES = 32, 18  # values per block; fp16 scale + 16 bytes of nibbles
 SPECIAL_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
 Q4_0_SCALE = np.float16(0.02 / 4)  # random nibbles in -8..7 give |w| up to ~0.04
@@ -284,7 +289,7 @@ def run_chatglm_cpp(ggml_path: Path, prompt: list[int], new_tokens: int, repeats
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--model", type=Path, default=common.DEFAULT_MODEL)
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp's (chatglm.cpp picks its own)")
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)

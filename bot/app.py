@@ -73,7 +73,7 @@ def model_factory(settings: Settings) -> GeneratorFactory:
     """Loads ChatGLM2 on the inference thread (torch never runs on the event loop)."""
 
     def load() -> Generator:
-        from bot.model.chat import ChatGLM2Generator
+        from bot.model.engine import ChatGLM2Generator
         from bot.model.kernels import native
         from bot.model.loader import ModelLoadError
         from bot.model.threads import default_threads

@@ -33,7 +33,7 @@ from bot.events import (
     read_command,
 )
 from bot.generation import GenerationParams, GenerationRequest, Turn
-from bot.sanitize import clean_text
+from bot.sanitize import clean_user_text
 from bot.service import ChatService, ServiceError
 from bot.store import NOT_ANSWERED, ClaimResult, EventStatus, FinalKind, LostClaim, Store, StoredEvent
 
@@ -367,7 +367,7 @@ class Bot:
 
     async def _answer(self, work: _Work) -> Outcome:
         message = await self._resolved(work.message)
-        message = replace(message, text=clean_text(message.text))
+        message = replace(message, text=clean_user_text(message.text))
         channel, text = message.channel, message.text
         if not self._allowed(message):
             if self._settings.access_denied_mode is DeniedMode.SILENT:

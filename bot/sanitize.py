@@ -10,7 +10,7 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
-def clean_text(text: str) -> str:
+def clean_user_text(text: str) -> str:
     """Normalise newlines, drop control characters and replace lone surrogates with U+FFFD; a
     text with nothing visible becomes empty.
 

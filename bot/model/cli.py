@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from bot.generation import GenerationParams, GenerationRequest, Turn
-from bot.model.chat import ChatGLM2Generator
+from bot.model.engine import ChatGLM2Generator
 from bot.model.loader import ModelLoadError
 
 LOGITS_HEAD = 16

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 
-class ConfigError(ValueError):
+class ModelConfigError(ValueError):
     """config.json is unreadable, or describes a model this engine does not implement."""
 
 
@@ -45,32 +45,36 @@ class ChatGLM2Config:
         positive = ("num_layers", "hidden_size", "num_attention_heads", "kv_channels", "ffn_hidden_size")
         for name in (*positive, "multi_query_group_num", "padded_vocab_size", "seq_length"):
             if not _is_int(value := getattr(self, name)) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+                raise ModelConfigError(f"{name} must be a positive integer, got {value!r}")
         for name in ("eos_token_id", "pad_token_id"):
             value = getattr(self, name)
             if not _is_int(value) or not 0 <= value < self.padded_vocab_size:
-                raise ConfigError(
+                raise ModelConfigError(
                     f"{name} must be an integer in [0, padded_vocab_size={self.padded_vocab_size}), "
                     f"got {value!r}"
                 )
         for name in ("multi_query_attention", "add_qkv_bias"):
             if not isinstance(value := getattr(self, name), bool):
-                raise ConfigError(f"{name} must be true or false, got {value!r}")
+                raise ModelConfigError(f"{name} must be true or false, got {value!r}")
         if not isinstance(self.torch_dtype, str):
-            raise ConfigError(f"torch_dtype must be a string, got {self.torch_dtype!r}")
+            raise ModelConfigError(f"torch_dtype must be a string, got {self.torch_dtype!r}")
         if self.kv_channels % 4:
-            raise ConfigError(f"kv_channels must be a multiple of 4 (RoPE pairs), got {self.kv_channels}")
+            raise ModelConfigError(
+                f"kv_channels must be a multiple of 4 (RoPE pairs), got {self.kv_channels}"
+            )
         if self.num_attention_heads % self.kv_groups:
-            raise ConfigError(
+            raise ModelConfigError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"multi_query_group_num ({self.kv_groups})"
             )
         if not _is_int(self.quantization_bit) or self.quantization_bit not in (0, 4):
-            raise ConfigError(
+            raise ModelConfigError(
                 f"quantization_bit must be the integer 4 (or 0, null), got {self.quantization_bit!r}"
             )
         if not (isinstance(self.layernorm_epsilon, float) and self.layernorm_epsilon > 0):
-            raise ConfigError(f"layernorm_epsilon must be a positive number, got {self.layernorm_epsilon!r}")
+            raise ModelConfigError(
+                f"layernorm_epsilon must be a positive number, got {self.layernorm_epsilon!r}"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -98,10 +102,12 @@ class ChatGLM2Config:
     def from_dict(cls, raw: dict[str, Any]) -> ChatGLM2Config:
         for key, want in _REQUIRED.items():
             if key in raw and raw[key] != want:
-                raise ConfigError(f"unsupported ChatGLM2 variant: config {key}={raw[key]!r} (need {want!r})")
+                raise ModelConfigError(
+                    f"unsupported ChatGLM2 variant: config {key}={raw[key]!r} (need {want!r})"
+                )
         rope_ratio = raw.get("rope_ratio", 1)
         if rope_ratio != 1:
-            raise ConfigError(f"unsupported config rope_ratio={rope_ratio!r} (long-context variants)")
+            raise ModelConfigError(f"unsupported config rope_ratio={rope_ratio!r} (long-context variants)")
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in raw.items() if k in known}
         if values.get("quantization_bit") is None:
@@ -116,22 +122,22 @@ class ChatGLM2Config:
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError as exc:
-            raise ConfigError(f"config not found: {path}") from exc
+            raise ModelConfigError(f"config not found: {path}") from exc
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"cannot read {path}: {exc}") from exc
+            raise ModelConfigError(f"cannot read {path}: {exc}") from exc
         if not isinstance(raw, dict):
-            raise ConfigError(f"{path} must hold a JSON object")
+            raise ModelConfigError(f"{path} must hold a JSON object")
         try:
             return cls.from_dict(raw)
-        except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
+        except ModelConfigError as exc:
+            raise ModelConfigError(f"{path}: {exc}") from None
 
     @classmethod
     def from_name(cls, name: str) -> ChatGLM2Config:
         try:
             return PRESETS[name]
         except KeyError:
-            raise ConfigError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}") from None
+            raise ModelConfigError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}") from None
 
 
 def _is_int(value: object) -> bool:

@@ -9,8 +9,8 @@ when config.json says ``quantization_bit: 4`` or ``quantize=4`` is asked (the of
 
 The int4 matmul backend (``int4_kernel``) is chosen here and logged once per load: the native
 kernel (AVX512-VNNI or AVX2) for bfloat16 compute on CPU where it is available (it then also runs the
-output layer, quantized on load as two int4 terms: ~4.4 ms per token measured, vs ~35 ms in bf16), else
-PyTorch's packed int4 kernel; float32 compute always runs the exact dequantized reference.
+output layer, quantized on load as two int4 terms), else PyTorch's packed int4 kernel; float32 compute
+always runs the exact dequantized reference. Why, with the measurements: bot/model/README.md.
 """
 
 from __future__ import annotations
@@ -27,16 +27,12 @@ from pathlib import Path
 
 import torch
 
-from bot.model.config import ChatGLM2Config, ConfigError
-from bot.model.kernels import native
+from bot.model import int4
+from bot.model.config import ChatGLM2Config, ModelConfigError
+from bot.model.kernels import build
 from bot.model.model import QUANTIZED_LINEARS, ChatGLM2
-from bot.model.quant import (
-    int4_backends,
-    prepare_int4,
-    quantize_int4,
-    quantize_int4_terms,
-    swap_linears_for_int4,
-)
+from bot.model.native_layers import use_native_layers
+from bot.model.quant import int4_backends, prepare_int4, swap_linears_for_int4
 from bot.model.tokenizer import ChatGLMTokenizer
 
 logger = logging.getLogger(__name__)
@@ -55,9 +51,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 _INT4_KERNELS = ("auto", "native", "torch")
 _OUTPUT_LAYER = "output_layer"
 # The output layer's int4 form on the native kernel: two terms keep the logits at about int8 precision
-# (one per-row int4 term moved the tiny fixture's logits by ~40 % of their spread and flipped greedy
-# tokens; see tests/model/test_fast_path.py) for ~4.4 ms per token (measured, full size) instead of
-# ~35 ms in bf16.
+# (one term flips greedy tokens; tests/model/test_fast_path.py), far cheaper than bf16 (bot/model/README.md).
 OUTPUT_LAYER_TERMS = 2
 
 
@@ -113,15 +107,15 @@ def load_model(
         raise ModelLoadError(f"quantize={quantize!r} is not supported (only 4)")
     if int4_kernel not in _INT4_KERNELS:
         raise ModelLoadError(f"unknown int4_kernel {int4_kernel!r} ({', '.join(_INT4_KERNELS)})")
-    if int4_kernel == "native" and not native.available():
+    if int4_kernel == "native" and not build.available():
         raise ModelLoadError(
-            f"int4_kernel 'native' requested but the kernel is unavailable: {native.backend_name()}"
+            f"int4_kernel 'native' requested but the kernel is unavailable: {build.backend_name()}"
         )
     target = _pick_device(device)
     folder = resolve_model_path(path)
     try:
         config = ChatGLM2Config.from_json(folder / "config.json")
-    except ConfigError as exc:
+    except ModelConfigError as exc:
         raise ModelLoadError(str(exc)) from None
     tokenizer_path = folder / "tokenizer.model"
     try:
@@ -158,7 +152,7 @@ def load_model(
     if use_native and int4_output_layer:
         key = f"transformer.{_OUTPUT_LAYER}.weight"
         head = state[key]
-        state[key], state[key + "_scale"] = quantize_int4_terms(head, OUTPUT_LAYER_TERMS)
+        state[key], state[key + "_scale"] = int4.quantize_terms(head, OUTPUT_LAYER_TERMS)
         mapped.release(head)
         del head
         swap_linears_for_int4(model.transformer, (_OUTPUT_LAYER,), compute, OUTPUT_LAYER_TERMS)
@@ -170,7 +164,7 @@ def load_model(
         prepare_int4(module, compute, mapped.release, use_native=use_native)
         mapped.trim_heap()
     model.eval().requires_grad_(False)
-    if use_native and model.use_native_ops():
+    if use_native_layers(model, pointwise=use_native):
         why += "; RMSNorm, SwiGLU and RoPE compiled"
     kind = f"int4 matmul {', '.join(int4_backends(model))} ({why})" if quantized else "dense"
     logger.info("loaded %s (%s, %s on %s)", folder, kind, compute, target)
@@ -184,9 +178,9 @@ def _pick_int4_kernel(int4_kernel: str, compute: torch.dtype, device: torch.devi
         return False, f"native kernel: not for {str(compute).removeprefix('torch.')} on {device.type}"
     if int4_kernel == "torch":
         return False, "native kernel: off, int4_kernel=torch"
-    if native.available():  # "native" was checked up front; "auto" falls back to PyTorch's kernels
+    if build.available():  # "native" was checked up front; "auto" falls back to PyTorch's kernels
         return True, "native kernel: available"
-    return False, f"native kernel: {native.backend_name()}"
+    return False, f"native kernel: {build.backend_name()}"
 
 
 def _pick_device(device: str) -> torch.device:
@@ -269,7 +263,7 @@ def _cast(
 
 def _quantize_state(state: dict[str, torch.Tensor], release: Callable[[torch.Tensor], None]) -> None:
     for key in [k for k in state if k.endswith(".weight") and k.split(".")[-2] in QUANTIZED_LINEARS]:
-        packed, scale = quantize_int4(state[key])
+        packed, scale = int4.quantize(state[key])
         release(state[key])
         state[key] = packed
         state[key + "_scale"] = scale

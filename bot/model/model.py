@@ -1,39 +1,38 @@
 """ChatGLM2-6B in plain PyTorch (gpt-fast style): pre-norm RMSNorm blocks, multi-query attention with
 RoPE on the first half of each head (interleaved pairs), SwiGLU MLP, untied output layer.
 
+This is the one reference forward. Faster paths are swapped in as modules, never as flags here:
+``Int4Linear`` for the quantized linears (quant.py), the compiled layers of native_layers.py, and a
+``fused_decoder`` that runs a whole decode step in one compiled call. float32 is the exact reference.
+
 Module names mirror the official checkpoint (``transformer.encoder.layers.N.self_attention...``) so a
 state dict loads without renaming. Shapes: B batch, S new tokens, T cache length, H heads, G key/value
-groups, D head dim, C hidden size.
+groups, D head dim, C hidden size, R rotary dims.
 
 The KV cache is written by position (slot == position), and ``forward`` takes a position per token and
 row (``input_pos [B, S]``; ``[S]`` is shared by all rows). Attention masks key slot ``t`` for a query at
 position ``p`` unless ``t <= p``, so rows at different positions can decode together. ``first_row``
 picks which cache rows a forward uses (rows ``first_row .. first_row + B - 1``), so one request can be
 prefilled into its own row while other rows hold other requests.
-
-``use_native_ops`` (bfloat16 on the CPU, with the compiled kernels) swaps the small per-token steps for
-one compiled call each: RMSNorm, SwiGLU, and RoPE with the cache write (kernels/pointwise.cpp), in
-float32 with one rounding per output instead of one per PyTorch op. float32 stays the exact reference.
-Where every linear is on the int4 kernel, a decode step (one token per row) then runs all the layers in
-one compiled call (kernels/decode_step.cpp) with the same kernels in the same order: the same bits,
-without the Python between them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from bot.model.config import ChatGLM2Config
-from bot.model.kernels import native
-from bot.model.quant import Int4Linear, swap_linears_for_int4
+from bot.model.quant import swap_linears_for_int4
 
 QUANTIZED_LINEARS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 ROPE_BASE = 10000.0
+# x [B, C], positions [B], first_row -> x [B, C] after every layer: one decode step (native_layers.py)
+FusedDecoder = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
 
 class RMSNorm(nn.Module):
@@ -41,11 +40,8 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
-        self.native = False  # set by ChatGLM2.use_native_ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.native:
-            return native.rms_norm(x, self.weight, self.eps)
         # In fp32, as the official ``weight * (x * rsqrt(mean(x^2) + eps))``; the in-place steps give the
         # same bits with fewer temporaries (products commute exactly).
         xf = x.to(torch.float32)
@@ -77,7 +73,7 @@ class KVCache(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write ``k, v [B, G, S, D]`` at ``input_pos [B, S]`` into rows ``first_row ..``; return those
         B rows of the cache (views, no copy). ``newest``: the largest position, when the caller knows it
-        (one row and one token then go by a plain slice copy, ~10x cheaper than an indexed one)."""
+        (one row and one token then go by a plain slice copy instead of an indexed one)."""
         batch, _, seq, _ = k.shape
         rows_used = slice(first_row, first_row + batch)
         k_out, v_out = self.k_cache[rows_used], self.v_cache[rows_used]
@@ -95,31 +91,15 @@ class KVCache(nn.Module):
 
 
 def rope_cache(max_seq_len: int, rotary_dim: int, dtype: torch.dtype) -> torch.Tensor:
-    """``[T, rotary_dim/2, 2]``: (cos, sin) per position and pair, computed in fp32 as the official code."""
+    """``[T, R/2, 2]``: (cos, sin) per position and pair, computed in fp32 as the official code."""
     theta = 1.0 / (ROPE_BASE ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), theta)
     return torch.stack((torch.cos(angles), torch.sin(angles)), dim=-1).to(dtype)
 
 
-def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of the first ``2 * rope.shape[-2]`` dims.
-
-    x: [B, S, H, D]; rope: [B, S, R/2, 2].
-    """
-    rot_dim = rope.shape[-2] * 2
-    x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
-    pairs = x_rot.reshape(*x_rot.shape[:-1], rot_dim // 2, 2)  # [B, S, H, R/2, 2]
-    cos, sin = rope[:, :, None, :, 0], rope[:, :, None, :, 1]  # [B, S, 1, R/2]
-    rotated = torch.stack(
-        (pairs[..., 0] * cos - pairs[..., 1] * sin, pairs[..., 1] * cos + pairs[..., 0] * sin), dim=-1
-    ).flatten(3)
-    return torch.cat((rotated, x_pass), dim=-1)
-
-
 def rope_factors(rope: torch.Tensor) -> torch.Tensor:
     """``rope [B, S, R/2, 2]`` -> ``[2, B, S, 1, R/2, 2]``: per pair (cos, cos) and (-sin, sin), so that
-    ``pairs * f[0] + pairs.flip(-1) * f[1]`` is ``apply_rope``'s rotation, bit for bit (made once per
-    forward, shared by every layer)."""
+    ``pairs * f[0] + pairs.flip(-1) * f[1]`` rotates each pair (x[2i], x[2i+1]) by its angle."""
     cos, sin = rope[..., 0], rope[..., 1]
     factors = torch.stack((torch.stack((cos, cos), dim=-1), torch.stack((-sin, sin), dim=-1)))
     return factors.unsqueeze(3)
@@ -131,11 +111,8 @@ def decode_attention(
     """Attention of one new token per row: q [B, H, 1, D], k/v [B, G, T, D], mask [B, 1, 1, T]
     (None: every slot is seen).
 
-    Two float32 matmuls per group (query head h reads group h // (H / G), as SDPA's enable_gqa).
-    On CPU this is 10-20x faster than SDPA's flash kernel for a single query (measured: 8 rows x 300
-    slots, 0.8 ms vs 16 ms per layer), which dominated batched decode steps. bfloat16 caches on the CPU
-    take ``native.decode_attention`` instead where the kernel is built (no float32 copies of K and V:
-    8 rows x 1,150 slots, 28 layers, 27-33 ms instead of 50-230 ms); float32 stays the reference.
+    Two float32 matmuls per group (query head h reads group h // (H / G), as SDPA's enable_gqa): on the
+    CPU far cheaper than SDPA's flash kernel for a single query (bot/model/README.md).
     """
     batch, heads, _, dim = q.shape
     groups = k.shape[1]
@@ -151,23 +128,25 @@ def decode_attention(
 class Step:
     """What every layer of one forward shares: ``input_pos`` [B, S]; ``mask`` [B, 1, S, T], or None when
     every query sees every one of the ``length`` (T) slots it can see (one row, one token); cache rows
-    ``first_row ..``; ``rope``: ``rope_factors`` of the tokens' positions (PyTorch's path) or, with
-    native ops, the whole (cos, sin) table [max_seq_len, R/2, 2] with ``cache_rows`` [B * S], each
-    token's cache row."""
+    ``first_row ..``; ``rope`` the (cos, sin) table [max_seq_len, R/2, 2]. What a layer derives from
+    them is made once per forward, on first use."""
 
     input_pos: torch.Tensor
     mask: torch.Tensor | None
     length: int
     first_row: int
     rope: torch.Tensor
-    cache_rows: torch.Tensor | None = None
 
+    @cached_property
+    def rope_factors(self) -> torch.Tensor:
+        """``rope_factors`` of the tokens' positions: [2, B, S, 1, R/2, 2]."""
+        return rope_factors(self.rope[self.input_pos])
 
-def _native_weight(layer: nn.Module) -> tuple[native.PackedInt4, torch.Tensor | None] | None:
-    """An int4 linear's weight and float32 bias as the compiled decode step takes them, or None."""
-    if isinstance(layer, Int4Linear) and layer.packed_native is not None and layer.terms == 1:
-        return layer.packed_native, layer.native_bias
-    return None
+    @cached_property
+    def cache_rows(self) -> torch.Tensor:
+        """Each token's cache row, [B * S]."""
+        batch, seq = self.input_pos.shape
+        return torch.arange(self.first_row, self.first_row + batch).repeat_interleave(seq)
 
 
 class Attention(nn.Module):
@@ -181,45 +160,40 @@ class Attention(nn.Module):
         self.query_key_value = nn.Linear(config.hidden_size, qkv, bias=config.add_qkv_bias, dtype=dtype)
         self.dense = nn.Linear(config.q_size, config.hidden_size, bias=False, dtype=dtype)
         self.kv_cache: KVCache | None = None
-        self.native = False  # set by ChatGLM2.use_native_ops
 
     def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         batch, seq, _ = x.shape  # [B, S, C]
+        qkv = self.query_key_value(x)  # [B, S, (H + 2G) * D], a fresh tensor: RoPE rotates it in place
+        k_all, v_all = self.rope_and_cache(qkv, step)  # [B, G, T, D]
+        q = qkv[..., : self.q_size].view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
+        out = self.attend(q, k_all, v_all, step)  # [B, S, H * D]
+        projected: torch.Tensor = self.dense(out)
+        return projected  # [B, S, C]
+
+    def cache(self) -> KVCache:
         if self.kv_cache is None:
             raise RuntimeError("call setup_caches() before forward()")
-        qkv = self.query_key_value(x)  # a fresh tensor: RoPE rotates its q and k heads in place
+        return self.kv_cache
+
+    def rope_and_cache(self, qkv: torch.Tensor, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE on the query and key heads of ``qkv`` [B, S, (H + 2G) * D] in place, keys and values
+        into the cache; returns the B rows of the cache, [B, G, T, D] each."""
+        batch, seq, _ = qkv.shape
         q_end, k_end = self.q_size, self.q_size + self.kv_size
-        if self.native and step.cache_rows is not None:
-            cache = self.kv_cache
-            native.rope_cache_write(
-                qkv.view(batch * seq, -1),
-                step.input_pos.reshape(-1),
-                step.cache_rows,
-                step.rope,
-                self.n_heads,
-                cache.k_cache,
-                cache.v_cache,
-            )
-            rows_used = slice(step.first_row, step.first_row + batch)
-            k_all, v_all = cache.k_cache[rows_used], cache.v_cache[rows_used]  # [B, G, T, D]
-        else:
-            rot_dim = step.rope.shape[-2] * 2
-            heads = qkv[..., :k_end].unflatten(-1, (self.n_heads + self.n_groups, self.head_dim))
-            pairs = heads[..., :rot_dim].unflatten(-1, (rot_dim // 2, 2))  # [B, S, H+G, R/2, 2]
-            pairs.copy_(pairs * step.rope[0] + pairs.flip(-1) * step.rope[1])
-            k = qkv[..., q_end:k_end].view(batch, seq, self.n_groups, self.head_dim)  # [B, S, G, D]
-            v = qkv[..., k_end:].view(batch, seq, self.n_groups, self.head_dim)
-            k_all, v_all = self.kv_cache.update(
-                step.input_pos, k.transpose(1, 2), v.transpose(1, 2), step.first_row, step.length - 1
-            )  # [B, G, T, D]
-        q = qkv[..., :q_end].view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, S, D]
-        if seq == 1 and q.dtype == torch.bfloat16 and q.device.type == "cpu":
-            flat = native.decode_attention(
-                q.reshape(batch, self.n_heads, self.head_dim), k_all, v_all, step.input_pos[:, 0]
-            )
-            if flat is not None:  # [B, H, D]: with one token, already [B, S, H * D] in memory
-                projected_flat: torch.Tensor = self.dense(flat.view(batch, seq, self.q_size))
-                return projected_flat
+        factors = step.rope_factors  # [2, B, S, 1, R/2, 2]
+        rot_dim = factors.shape[-2] * 2
+        heads = qkv[..., :k_end].view(batch, seq, self.n_heads + self.n_groups, self.head_dim)
+        pairs = heads[..., :rot_dim].view(batch, seq, -1, rot_dim // 2, 2)  # [B, S, H+G, R/2, 2]
+        pairs.copy_(pairs * factors[0] + pairs.flip(-1) * factors[1])
+        k = qkv[..., q_end:k_end].view(batch, seq, self.n_groups, self.head_dim)  # [B, S, G, D]
+        v = qkv[..., k_end:].view(batch, seq, self.n_groups, self.head_dim)
+        return self.cache().update(
+            step.input_pos, k.transpose(1, 2), v.transpose(1, 2), step.first_row, step.length - 1
+        )
+
+    def attend(self, q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, step: Step) -> torch.Tensor:
+        """q [B, H, S, D] over the first ``step.length`` slots of k/v [B, G, T, D] -> [B, S, H * D]."""
+        batch, _, seq, _ = q.shape
         k_seen, v_seen = k_all[:, :, : step.length], v_all[:, :, : step.length]
         if seq == 1:
             out = decode_attention(q, k_seen, v_seen, step.mask)
@@ -227,8 +201,7 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(
                 q, k_seen, v_seen, attn_mask=step.mask, enable_gqa=True
             )  # query head h reads group h // (H / G); scale 1/sqrt(D)
-        projected: torch.Tensor = self.dense(out.transpose(1, 2).reshape(batch, seq, self.q_size))
-        return projected
+        return out.transpose(1, 2).reshape(batch, seq, self.q_size)
 
 
 class MLP(nn.Module):
@@ -238,17 +211,15 @@ class MLP(nn.Module):
             config.hidden_size, 2 * config.ffn_hidden_size, bias=False, dtype=dtype
         )
         self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=False, dtype=dtype)
-        self.native = False  # set by ChatGLM2.use_native_ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.dense_h_to_4h(x)  # SwiGLU: the first half gates the second
-        if self.native:
-            act = native.swiglu(h)
-        else:
-            gate, up = h.chunk(2, dim=-1)
-            act = F.silu(gate) * up
-        out: torch.Tensor = self.dense_4h_to_h(act)
+        out: torch.Tensor = self.dense_4h_to_h(self.swiglu(self.dense_h_to_4h(x)))  # [B, S, 2F] -> [B, S, C]
         return out
+
+    def swiglu(self, h: torch.Tensor) -> torch.Tensor:
+        """[..., 2F] -> [..., F]: the first half gates the second."""
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
 
 
 class Block(nn.Module):
@@ -270,7 +241,7 @@ class Embedding(nn.Module):
     def __init__(self, config: ChatGLM2Config, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         # The loader builds the model on the meta device and assigns the checkpoint's tensors, so the
-        # random init is skipped: on meta, normal_ alone costs ~2.5 s of one-off decomposition imports.
+        # random init is skipped (on meta, normal_ alone costs seconds of one-off imports).
         shape = (config.padded_vocab_size, config.hidden_size)
         self.word_embeddings = nn.Embedding(*shape, _weight=torch.empty(shape, dtype=dtype))
 
@@ -302,9 +273,7 @@ class ChatGLM2(nn.Module):
         self.max_batch = 0
         self.max_seq_len = 0
         self.rope = torch.empty(0, device="cpu")  # [T, R/2, 2], made by setup_caches
-        self.native_ops = False
-        self.fused_decode = False
-        self._decode_step: Any = None  # native.make_decode_step's, for the current caches; False: none
+        self.fused_decoder: FusedDecoder | None = None  # set by native_layers.use_native_layers
 
     @property
     def device(self) -> torch.device:
@@ -314,84 +283,20 @@ class ChatGLM2(nn.Module):
     def compute_dtype(self) -> torch.dtype:
         return self.transformer.encoder.final_layernorm.weight.dtype
 
-    def setup_caches(self, max_batch: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
-        """Allocate the KV caches (zeroed) and the RoPE table for ``max_seq_len`` positions."""
-        dtype = dtype or self.compute_dtype
-        device = self.device
-        config = self.config
-        for block in self.blocks:
-            block.self_attention.kv_cache = KVCache(
-                max_batch, max_seq_len, config.kv_groups, config.head_dim, dtype
-            ).to(device)
-        self.rope = rope_cache(max_seq_len, config.rotary_dim, dtype).to(device)
-        self.max_batch, self.max_seq_len = max_batch, max_seq_len
-        self._decode_step = None  # it holds the old caches
-
-    def use_native_ops(self, enabled: bool = True, *, fused_decode: bool = True) -> bool:
-        """Run RMSNorm, SwiGLU and RoPE with the cache write as compiled calls (kernels/pointwise.cpp);
-        returns whether they now are: only for bfloat16 on the CPU, with the kernels built, and hidden and
-        MLP sizes that are multiples of 16. ``fused_decode``: decode steps also run every layer in one
-        compiled call where the layers allow it (same results)."""
-        config = self.config
-        fits = (
-            self.compute_dtype == torch.bfloat16
-            and self.device.type == "cpu"
-            and config.hidden_size % 16 == 0
-            and config.ffn_hidden_size % 16 == 0
-        )
-        on = enabled and fits and native.available()
-        for module in self.modules():
-            if isinstance(module, RMSNorm | Attention | MLP):
-                module.native = on
-        self.native_ops = on
-        self.fused_decode = on and fused_decode
-        self._decode_step = None
-        return on
-
-    def _compiled_decode_step(self) -> Any:
-        """native.make_decode_step over the blocks (made once per set of caches), or None where a layer's
-        linears are not all on the int4 kernel."""
-        if self._decode_step is None:
-            layers = []
-            for block in self.blocks:
-                attention, mlp, cache = block.self_attention, block.mlp, block.self_attention.kv_cache
-                linears = (attention.query_key_value, attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h)
-                weights = [weight for weight in map(_native_weight, linears) if weight is not None]
-                if cache is None or len(weights) != len(linears):
-                    self._decode_step = False
-                    return None
-                layers.append(
-                    native.DecodeLayer(
-                        block.input_layernorm.weight,
-                        block.post_attention_layernorm.weight,
-                        cache.k_cache,
-                        cache.v_cache,
-                        tuple(weights),
-                    )
-                )
-            config = self.config
-            step = native.make_decode_step(
-                layers, self.rope, config.num_attention_heads, config.layernorm_epsilon
-            )
-            self._decode_step = False if step is None else step
-        return self._decode_step or None
-
     @property
     def blocks(self) -> list[Block]:
         return [layer for layer in self.transformer.encoder.layers if isinstance(layer, Block)]
 
-    def _step(self, input_pos: torch.Tensor, length: int, first_row: int) -> Step:
-        """The layers' shared inputs for tokens at ``input_pos`` [B, S] that see ``length`` slots."""
-        batch, seq = input_pos.shape
-        mask = None  # one row, one token at the newest position: it sees every slot 0..last
-        if batch > 1 or seq > 1:
-            slots = torch.arange(length, device=input_pos.device)
-            mask = (slots[None, None, :] <= input_pos[:, :, None])[:, None]  # [B, 1, S, T]
-        if self.native_ops:
-            rows = torch.arange(first_row, first_row + batch).repeat_interleave(seq)  # [B * S]
-            return Step(input_pos, mask, length, first_row, self.rope, rows)
-        # [2, B, S, 1, R/2, 2], once for all layers
-        return Step(input_pos, mask, length, first_row, rope_factors(self.rope[input_pos]))
+    def setup_caches(self, max_batch: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
+        """Allocate the KV caches (zeroed) and the RoPE table for ``max_seq_len`` positions."""
+        dtype = dtype or self.compute_dtype
+        config = self.config
+        for block in self.blocks:
+            block.self_attention.kv_cache = KVCache(
+                max_batch, max_seq_len, config.kv_groups, config.head_dim, dtype
+            ).to(self.device)
+        self.rope = rope_cache(max_seq_len, config.rotary_dim, dtype).to(self.device)
+        self.max_batch, self.max_seq_len = max_batch, max_seq_len
 
     def forward(
         self,
@@ -414,11 +319,15 @@ class ChatGLM2(nn.Module):
                 f"({self.max_batch} x {self.max_seq_len}); call setup_caches() with larger sizes"
             )
         x = self.transformer.embedding.word_embeddings(input_ids).to(self.rope.dtype)  # [B, S, C]
-        compiled = self._compiled_decode_step() if seq == 1 and self.fused_decode else None
-        if compiled is not None:  # every layer in one call
-            x = compiled.run(x.view(batch, -1), input_pos[:, 0].contiguous(), first_row).view(batch, 1, -1)
+        if seq == 1 and self.fused_decoder is not None:  # every layer in one call
+            positions = input_pos[:, 0].contiguous()  # [B]
+            x = self.fused_decoder(x.view(batch, -1), positions, first_row).view(batch, 1, -1)
         else:
-            step = self._step(input_pos, last + 1, first_row)
+            mask = None  # one row, one token at the newest position: it sees every slot 0..last
+            if batch > 1 or seq > 1:
+                slots = torch.arange(last + 1, device=input_pos.device)
+                mask = (slots[None, None, :] <= input_pos[:, :, None])[:, None]  # [B, 1, S, T]
+            step = Step(input_pos, mask, last + 1, first_row, self.rope)
             for block in self.blocks:
                 x = block(x, step)
         if last_only:
@@ -432,22 +341,16 @@ class ChatGLM2(nn.Module):
         return torch.stack(
             [
                 torch.stack((cache.k_cache[row, :, :length], cache.v_cache[row, :, :length]))
-                for cache in self._caches()
+                for cache in self.caches()
             ]
         )
 
     def write_kv(self, row: int, kv: torch.Tensor) -> None:
         """Copy ``kv [L, 2, G, T, D]`` (from ``read_kv``) into slots ``0 .. T-1`` of cache row ``row``."""
         length = kv.shape[3]
-        for cache, layer in zip(self._caches(), kv, strict=True):
+        for cache, layer in zip(self.caches(), kv, strict=True):
             cache.k_cache[row, :, :length].copy_(layer[0])
             cache.v_cache[row, :, :length].copy_(layer[1])
 
-    def _caches(self) -> list[KVCache]:
-        caches = []
-        for block in self.blocks:
-            cache = block.self_attention.kv_cache
-            if cache is None:
-                raise RuntimeError("call setup_caches() first")
-            caches.append(cache)
-        return caches
+    def caches(self) -> list[KVCache]:
+        return [block.self_attention.cache() for block in self.blocks]

@@ -2,7 +2,7 @@
 
 An entry is the token ids a cache row held and a copy of that row's keys/values for them. The KV at
 position ``t`` depends only on ids ``0..t``, so any common prefix of the cached ids and a new prompt
-can be reused (exactly up to floating-point reduction order, see ``bot.model.chat``).
+can be reused (exactly up to floating-point reduction order, see ``bot.model.engine``).
 Entries are bounded in total bytes and evicted least recently used first.
 
 Entries are keyed by a conversation (the bot's own requests), or, for requests without one (the

@@ -1,14 +1,9 @@
 """The inference thread's intra-op thread count when the setting says 0 (auto).
 
-Measured on a 2-core AVX512 machine (full-size ChatGLM2-6B-INT4 with random weights, VNNI kernel;
-median ms per decoded token over 20 tokens, repeated): with the bot's kind of work beside it (an
-asyncio loop doing ~50 sqlite writes + reads and 2 KB JSON encodes a second, ~4 % of a core, run as
-another process or as a thread of the same process), 2 threads took 110-127 ms and 1 thread
-129-141 ms: light event-loop work does not spoil two threads. A busy neighbour does (the
-oversubscription collapse): with another process spinning on a core, 2 threads took 0.45-1.9 s per
-token and 1 thread 250-290 ms. So the default uses every usable core on small machines and leaves
-one for the event loop and the database on larger ones; a box shared with CPU-heavy processes
-should set ``BOT_NUM_THREADS=1``.
+Light event-loop work beside the inference thread does not spoil two threads; a busy neighbour does
+(the oversubscription collapse; measurements in bot/model/README.md). So the default uses every usable
+core on small machines and leaves one for the event loop and the database on larger ones; a box
+shared with CPU-heavy processes should set ``BOT_NUM_THREADS=1``.
 """
 
 from __future__ import annotations

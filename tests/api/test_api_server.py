@@ -267,7 +267,7 @@ async def test_the_openai_backend_on_the_api_answers_like_the_local_engine(
     api: ApiProcess, tmp_path: Path
 ) -> None:
     from bot.generation import GenerationParams, GenerationRequest
-    from bot.model.chat import ChatGLM2Generator
+    from bot.model.engine import ChatGLM2Generator
     from bot.openai_backend import OpenAIService
     from tests.support import make_settings
 

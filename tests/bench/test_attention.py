@@ -7,7 +7,7 @@ import json
 import pytest
 
 from bench import attention
-from bot.model.kernels import native
+from bot.model.kernels import build
 
 
 def test_prints_both_paths_per_context_and_rows(capsys: pytest.CaptureFixture[str]) -> None:
@@ -19,7 +19,7 @@ def test_prints_both_paths_per_context_and_rows(capsys: pytest.CaptureFixture[st
         assert set(by_rows) == {"1", "3"}
         for timings in by_rows.values():
             assert timings["pytorch"] > 0
-            assert ("compiled" in timings) == native.available()
+            assert ("compiled" in timings) == build.available()
 
 
 def test_rejects_nonpositive_sizes() -> None:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from bench import chat
+from bench import chat, common
 from tests.model.fixture import tiny_dir
 
 
@@ -28,8 +28,8 @@ def test_chat_bench_reports_json(capsys: pytest.CaptureFixture[str]) -> None:
 def test_peak_rss_can_start_a_new_window() -> None:
     block = bytearray(400 * 2**20)
     block[::4096] = b"x" * len(block[::4096])  # touch every page
-    with_block = chat.peak_rss_gb()
+    with_block = common.peak_rss_gb()
     del block
-    if not chat.reset_peak_rss():
+    if not common.reset_peak_rss():
         pytest.skip("no /proc/self/clear_refs here")
-    assert chat.peak_rss_gb() < with_block - 0.3
+    assert common.peak_rss_gb() < with_block - 0.3

@@ -14,9 +14,9 @@ from bench.make_checkpoint import (
     TINY_SIZES,
     build_checkpoint,
     official_config,
-    pack_int4,
     tensor_specs,
 )
+from bot.model import int4
 from tests.model.fixture import expected, tiny_dir
 
 
@@ -72,16 +72,16 @@ def test_int4_values_have_realistic_scales(int4_dir: Path) -> None:
 
 def test_pack_int4_reproduces_fixture_checkpoint() -> None:
     """Quantising the fixture's fp32 weights as the official code does and packing them with
-    pack_int4 gives the fixture's int4 tensors bit for bit."""
+    int4.pack gives the fixture's int4 tensors bit for bit."""
     fp32 = torch.load(tiny_dir("fp32") / "pytorch_model.bin", weights_only=True)
-    int4 = torch.load(tiny_dir("int4") / "pytorch_model.bin", weights_only=True)
+    official = torch.load(tiny_dir("int4") / "pytorch_model.bin", weights_only=True)
     name = "transformer.encoder.layers.0.self_attention.query_key_value"
     w16 = fp32[f"{name}.weight"].half()
     scale = w16.abs().max(dim=-1).values / 7
     q = torch.round(w16 / scale[:, None]).to(torch.int8)
-    assert torch.equal(scale, int4[f"{name}.weight_scale"])
-    assert torch.equal(pack_int4(q), int4[f"{name}.weight"])
-    assert torch.equal(_unpack(pack_int4(q)), q.to(torch.int16))
+    assert torch.equal(scale, official[f"{name}.weight_scale"])
+    assert torch.equal(int4.pack(q), official[f"{name}.weight"])
+    assert torch.equal(_unpack(int4.pack(q)), q.to(torch.int16))
 
 
 def test_fp16_shards_and_index(tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 
 Shared by the model tests: ``tiny_dir("fp32")`` / ``tiny_dir("int4")`` are checkpoint folders,
 ``expected()`` is expected.json, and the real ChatGLM2-6B tokenizer (not in this repository) is
-looked up beside the checkout in ``../shared/fixtures/chatglm2/real-tokenizer/``.
+looked up in ``$BOT_TEST_SHARED_DIR/fixtures/chatglm2/real-tokenizer/`` (default: ``../shared`` beside
+the checkout; set it where the checkout is a worktree elsewhere).
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from typing import Any, Literal
 
 import pytest
 
-from bot.model.kernels import native
+from bot.model.kernels import build
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FIXTURE_DIR = REPO_ROOT / "tests" / "fixtures" / "chatglm2"
 # CI has a compiler: there, a native kernel that does not build or load fails its tests instead of skipping.
 REQUIRE_KERNEL = os.environ.get("BOT_TEST_REQUIRE_KERNEL") == "1"
-REAL_TOKENIZER = REPO_ROOT.parent / "shared" / "fixtures" / "chatglm2" / "real-tokenizer" / "tokenizer.model"
+SHARED_DIR = Path(os.environ.get("BOT_TEST_SHARED_DIR") or REPO_ROOT.parent / "shared")
+REAL_TOKENIZER = SHARED_DIR / "fixtures" / "chatglm2" / "real-tokenizer" / "tokenizer.model"
 
 
 def tiny_dir(kind: Literal["fp32", "int4"]) -> Path:
@@ -44,9 +46,9 @@ def expected_real_tokenizer() -> dict[str, Any]:
 def require_native_kernel() -> None:
     """Skip the calling test where the native kernel is unavailable (no compiler, a failed build, an
     unsupported CPU), with the reason; under BOT_TEST_REQUIRE_KERNEL=1 fail it instead."""
-    if native.available():
+    if build.available():
         return
-    reason = f"native kernel unavailable here: {native.backend_name()}"
+    reason = f"native kernel unavailable here: {build.backend_name()}"
     if REQUIRE_KERNEL:
         pytest.fail(f"{reason}; BOT_TEST_REQUIRE_KERNEL=1 requires it", pytrace=False)
     pytest.skip(reason)

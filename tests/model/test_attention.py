@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from bot.model.kernels import native
+from bot.model.kernels import ops
 from bot.model.loader import load_model
 from bot.model.model import decode_attention
+from bot.model.native_layers import use_native_layers
 from tests.model.fixture import expected, require_native_kernel, tiny_dir
 
 BF16_STEP = 2.0**-7  # bfloat16's relative spacing: its rounding moves a value by at most half of it
@@ -42,7 +43,7 @@ def test_within_one_bfloat16_rounding_of_the_float32_reference(batch: int, slots
     q, k, v = caches(batch, slots, seed=slots)
     positions = torch.randint(0, slots, (batch,), generator=torch.Generator().manual_seed(1))
     positions[0] = slots - 1
-    got = native.decode_attention(q, k, v, positions)
+    got = ops.decode_attention(q, k, v, positions)
     assert got is not None and got.dtype == torch.bfloat16 and got.shape == q.shape
     want = reference(q, k, v, positions)
     assert ((got.float() - want).abs() <= BF16_STEP * want.abs() + 1e-5).all()
@@ -51,10 +52,10 @@ def test_within_one_bfloat16_rounding_of_the_float32_reference(batch: int, slots
 def test_slots_after_a_rows_position_are_not_read() -> None:
     q, k, v = caches(2, 40, seed=3)
     positions = torch.tensor([9, 39])
-    before = native.decode_attention(q, k, v, positions)
+    before = ops.decode_attention(q, k, v, positions)
     k[0, :, 10:] = 1e4  # row 0 must not see them; would dominate its softmax if it did
     v[0, :, 10:] = float("nan")
-    after = native.decode_attention(q, k, v, positions)
+    after = ops.decode_attention(q, k, v, positions)
     assert before is not None and after is not None
     assert torch.equal(before, after)
 
@@ -62,10 +63,9 @@ def test_slots_after_a_rows_position_are_not_read() -> None:
 def test_a_rows_output_does_not_depend_on_the_batch() -> None:
     q, k, v = caches(8, 200, seed=4)
     positions = torch.tensor([199, 0, 17, 64, 65, 150, 3, 100])
-    together = native.decode_attention(q, k, v, positions)
+    together = ops.decode_attention(q, k, v, positions)
     alone = [
-        native.decode_attention(q[i : i + 1], k[i : i + 1], v[i : i + 1], positions[i : i + 1])
-        for i in range(8)
+        ops.decode_attention(q[i : i + 1], k[i : i + 1], v[i : i + 1], positions[i : i + 1]) for i in range(8)
     ]
     assert together is not None
     assert torch.equal(together, torch.cat([row for row in alone if row is not None]))
@@ -73,15 +73,15 @@ def test_a_rows_output_does_not_depend_on_the_batch() -> None:
 
 def test_unsupported_shapes_fall_back_and_bad_positions_are_refused() -> None:
     q, k, v = caches(1, 8, seed=5)
-    assert native.decode_attention(q[..., :120], k[..., :120], v[..., :120], torch.tensor([3])) is None
+    assert ops.decode_attention(q[..., :120], k[..., :120], v[..., :120], torch.tensor([3])) is None
     with pytest.raises(RuntimeError, match="outside the 8 cache slots"):
-        native.decode_attention(q, k, v, torch.tensor([8]))
+        ops.decode_attention(q, k, v, torch.tensor([8]))
 
 
 def decode_logits(path: Path) -> torch.Tensor:
     """The tiny int4 model in bfloat16: a prompt, then 6 greedy decode steps; their logits."""
     model, _, _ = load_model(path, dtype="bfloat16", device="cpu")
-    model.use_native_ops(fused_decode=False)  # the layers' Python modules, which call decode_attention
+    use_native_layers(model, fused_decode=False)  # the layers' Python modules, which call decode_attention
     model.setup_caches(1, 256)
     ids = expected()["tokenizer"]["chat_prompts"][0]["input_ids"]
     steps = []
@@ -98,16 +98,16 @@ def test_the_models_decode_steps_use_it_and_stay_close_to_pytorchs_path(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     calls: list[int] = []
-    compiled = native.decode_attention
+    compiled = ops.decode_attention
 
     def counted(*args: torch.Tensor) -> torch.Tensor | None:
         calls.append(1)
         return compiled(*args)
 
-    monkeypatch.setattr(native, "decode_attention", counted)  # the module bot.model.model calls
+    monkeypatch.setattr(ops, "decode_attention", counted)  # the module bot.model.model calls
     fast = decode_logits(tiny_dir("int4"))
     assert calls  # every decode step's layers took the compiled attention
-    monkeypatch.setattr(native, "decode_attention", lambda *args: None)
+    monkeypatch.setattr(ops, "decode_attention", lambda *args: None)
     torch_path = decode_logits(tiny_dir("int4"))
     spread = torch_path.std(dim=-1, keepdim=True)
     assert ((fast - torch_path).abs() <= 0.02 * spread).all()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bot.generation import BatchGenerator, DecodeState, GenerationParams, GenerationRequest
-from bot.model.chat import ChatGLM2Generator, ChatState
+from bot.model.engine import ChatGLM2Generator, ChatState
 from bot.service import ModelService
 from tests.model.fixture import tiny_dir
 

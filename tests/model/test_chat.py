@@ -7,7 +7,7 @@ import random
 import pytest
 
 from bot.generation import GenerationParams, GenerationRequest, Generator
-from bot.model.chat import ChatGLM2Generator, ResponseStreamer
+from bot.model.engine import ChatGLM2Generator, ResponseStreamer
 from bot.model.tokenizer import process_response
 from tests.model.fixture import expected, tiny_dir
 

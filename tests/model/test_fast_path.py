@@ -18,10 +18,13 @@ from typing import Any
 import pytest
 import torch
 
-from bot.model.kernels import native
+from bot.model.int4 import dequantize as dequantize_int4
+from bot.model.int4 import quantize as quantize_int4
+from bot.model.int4 import quantize_terms as quantize_int4_terms
+from bot.model.kernels import build
 from bot.model.loader import load_model
 from bot.model.model import ChatGLM2
-from bot.model.quant import Int4Linear, dequantize_int4, quantize_int4, quantize_int4_terms
+from bot.model.quant import Int4Linear
 from tests.model.fixture import expected, require_native_kernel, tiny_dir
 
 MARGIN = 0.5
@@ -64,7 +67,7 @@ def test_native_layer_is_close_to_the_float32_reference(
     want = reference(layer, x)
     released: list[torch.Tensor] = []
     layer.prepare(torch.bfloat16, released.append, use_native=True)
-    assert layer.backend == "native" and layer.weight.numel() == 0 and len(released) == 1
+    assert layer.backend.name == "native" and layer.weight.numel() == 0 and len(released) == 1
     got = layer(x)
     assert got.dtype == torch.bfloat16 and got.shape == (tokens, out)
     error = got.float() - want
@@ -78,7 +81,7 @@ def test_float32_stays_the_exact_reference_even_when_native_is_asked() -> None:
     x = torch.randn(3, 128)
     want = reference(layer, x)
     layer.prepare(torch.float32, use_native=True)
-    assert layer.backend == "dequantize"
+    assert layer.backend.name == "dequantize"
     torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-5)
 
 
@@ -147,7 +150,7 @@ def test_fast_path_greedy_tokens_and_logits_within_tolerance(
 @pytest.mark.usefixtures("no_kernel")
 def test_without_the_kernel_auto_is_exactly_the_torch_path() -> None:
     auto, _, _ = load_model(tiny_dir("int4"), dtype="bfloat16", device="cpu")
-    native.configure(enabled=True)
+    build.configure(enabled=True)
     torch_path, _, _ = load_model(tiny_dir("int4"), dtype="bfloat16", device="cpu", int4_kernel="torch")
     case = expected()["int4"][0]
     assert torch.equal(teacher_forced_logits(auto, case), teacher_forced_logits(torch_path, case))

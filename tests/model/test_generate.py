@@ -7,7 +7,9 @@ from typing import Any
 import pytest
 import torch
 
-from bot.model.generate import (
+from bot.model.loader import load_model
+from bot.model.model import ChatGLM2
+from bot.model.sampling import (
     INVALID_SCORE_TOKEN,
     SamplingParams,
     generate,
@@ -17,8 +19,6 @@ from bot.model.generate import (
     sample,
     top_k_probs,
 )
-from bot.model.loader import load_model
-from bot.model.model import ChatGLM2
 from tests.model.fixture import expected, tiny_dir
 
 GREEDY = SamplingParams(temperature=0.0)

@@ -22,11 +22,11 @@ from typing import Any
 import pytest
 import torch
 
-from bot.model.kernels import native
+from bot.model.kernels import build
 from tests.model.fixture import tiny_dir
 
 REPO = Path(__file__).resolve().parents[2]
-AVX2 = frozenset(native.ISA_FLAGS["avx2"])
+AVX2 = frozenset(build.ISA_FLAGS["avx2"])
 
 
 class FakeBuild:
@@ -35,10 +35,10 @@ class FakeBuild:
     def __init__(self, monkeypatch: pytest.MonkeyPatch, seconds: float = 0.0) -> None:
         self.compiled: list[Path] = []
         self.seconds = seconds
-        monkeypatch.setattr(native, "cpu_flags", lambda: AVX2)
-        monkeypatch.setattr(native, "_compile", self.compile)
-        monkeypatch.setattr(native, "_import", self.load)
-        monkeypatch.setattr(native, "_self_test", lambda module: None)
+        monkeypatch.setattr(build, "cpu_flags", lambda: AVX2)
+        monkeypatch.setattr(build, "_compile", self.compile)
+        monkeypatch.setattr(build, "_import", self.load)
+        monkeypatch.setattr(build, "_self_test", lambda module: None)
 
     def compile(self, name: str, directory: Path) -> None:
         time.sleep(self.seconds)
@@ -51,7 +51,7 @@ class FakeBuild:
 
 
 def lock_path(cache: Path) -> Path:
-    directory = native.build_dir(cache, compiler_version())
+    directory = build.build_dir(cache, compiler_version())
     return directory.with_name(f"{directory.name}.lock")
 
 
@@ -82,8 +82,8 @@ def test_a_first_build_logs_before_compiling_and_then_loads_from_cache(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     fake = FakeBuild(monkeypatch)
-    with caplog.at_level(logging.INFO, logger=native.__name__):
-        module, reason = native._load(tmp_path)
+    with caplog.at_level(logging.INFO, logger=build.__name__):
+        module, reason = build._load(tmp_path)
     assert module is not None and reason == "native" and len(fake.compiled) == 1
     assert "compiling the int4 kernel (first start, ~1-2 min)" in caplog.text
     assert "int4 matmul kernel: native avx2 (compiled in 0 s" in caplog.text
@@ -94,8 +94,8 @@ def test_a_first_build_logs_before_compiling_and_then_loads_from_cache(
     # A finished build takes no lock at all: even a held lock does not delay it.
     child = hold_lock(lock_path(tmp_path))
     try:
-        with caplog.at_level(logging.INFO, logger=native.__name__):
-            module, _ = native._load(tmp_path)
+        with caplog.at_level(logging.INFO, logger=build.__name__):
+            module, _ = build._load(tmp_path)
     finally:
         child.kill()
         child.wait()
@@ -112,13 +112,13 @@ def test_a_lock_left_by_a_killed_builder_does_not_block(
     child = hold_lock(lock)
     os.kill(child.pid, signal.SIGKILL)  # as kill -9 or the OOM killer mid-compile
     child.wait()
-    half = native.build_dir(tmp_path, compiler_version()).with_name(lock.stem + ".tmp-999999")
+    half = build.build_dir(tmp_path, compiler_version()).with_name(lock.stem + ".tmp-999999")
     half.mkdir()  # its half-written build
     (half / "partial.o").write_bytes(b"")
     monkeypatch.setenv("BOT_KERNEL_BUILD_WAIT_S", "30")
     started = time.monotonic()
-    with caplog.at_level(logging.INFO, logger=native.__name__):
-        module, _ = native._load(tmp_path)
+    with caplog.at_level(logging.INFO, logger=build.__name__):
+        module, _ = build._load(tmp_path)
     assert module is not None and time.monotonic() - started < 5
     assert lock.exists() and len(fake.compiled) == 1 and not half.exists()
     assert "waiting" not in caplog.text
@@ -132,8 +132,8 @@ def test_the_wait_for_a_live_builder_is_bounded_and_falls_back(
     child = hold_lock(lock_path(tmp_path))
     try:
         started = time.monotonic()
-        with caplog.at_level(logging.INFO, logger=native.__name__):
-            module, reason = native._load(tmp_path)
+        with caplog.at_level(logging.INFO, logger=build.__name__):
+            module, reason = build._load(tmp_path)
         waited = time.monotonic() - started
     finally:
         child.kill()
@@ -152,7 +152,7 @@ def test_a_waiter_uses_the_build_the_other_process_finished(
     fake = FakeBuild(monkeypatch)
     monkeypatch.setenv("BOT_KERNEL_BUILD_WAIT_S", "30")
     child = hold_lock(lock_path(tmp_path))
-    directory = native.build_dir(tmp_path, compiler_version())
+    directory = build.build_dir(tmp_path, compiler_version())
 
     def finish() -> None:  # what the other process does when its compile ends: rename, then unlock
         time.sleep(0.5)
@@ -163,8 +163,8 @@ def test_a_waiter_uses_the_build_the_other_process_finished(
 
     thread = threading.Thread(target=finish)
     thread.start()
-    with caplog.at_level(logging.INFO, logger=native.__name__):
-        module, _ = native._load(tmp_path)
+    with caplog.at_level(logging.INFO, logger=build.__name__):
+        module, _ = build._load(tmp_path)
     thread.join()
     child.wait()
     assert module is not None and fake.compiled == []
@@ -177,19 +177,19 @@ def test_a_failed_build_leaves_nothing_in_the_cache(monkeypatch: pytest.MonkeyPa
 
     def broken(name: str, directory: Path) -> None:
         (directory / f"{name}.so").write_bytes(b"half")
-        raise native._Unavailable("build failed: out of memory")
+        raise build._Unavailable("build failed: out of memory")
 
-    monkeypatch.setattr(native, "_compile", broken)
-    assert native._load(tmp_path) == (None, "build failed: out of memory")
+    monkeypatch.setattr(build, "_compile", broken)
+    assert build._load(tmp_path) == (None, "build failed: out of memory")
     assert [path.suffix for path in tmp_path.iterdir()] == [".lock"]
 
 
 def test_the_compile_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
     """A builder killed mid-compile (kill -9) leaves no compiler running beside the next start's build."""
     script = (
-        "import sys, threading; from pathlib import Path; from bot.model.kernels import native;"
-        "native._BUILD_SCRIPT = 'import subprocess; subprocess.run([\\'sleep\\', \\'600\\'])';"
-        "threading.Thread(target=native._compile, args=('x', Path(sys.argv[1])), daemon=True).start();"
+        "import sys, threading; from pathlib import Path; from bot.model.kernels import build;"
+        "build._BUILD_SCRIPT = 'import subprocess; subprocess.run([\\'sleep\\', \\'600\\'])';"
+        "threading.Thread(target=build._compile, args=('x', Path(sys.argv[1])), daemon=True).start();"
         "import time; time.sleep(600)"
     )
     parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], cwd=REPO)
@@ -240,30 +240,30 @@ def test_a_cache_folder_without_its_library_is_rebuilt(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     fake = FakeBuild(monkeypatch)
-    directory = native.build_dir(tmp_path, compiler_version())
+    directory = build.build_dir(tmp_path, compiler_version())
     directory.mkdir()
     (directory / "build.ninja").write_text("")
-    module, _ = native._load(tmp_path)
+    module, _ = build._load(tmp_path)
     assert module is not None and fake.compiled and not (directory / "build.ninja").exists()
 
 
 def test_two_checkouts_share_one_cache_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    key = native.build_dir(tmp_path, "g++ 12")
+    key = build.build_dir(tmp_path, "g++ 12")
     copy = tmp_path / "other-checkout"
-    shutil.copytree(native._HERE, copy)
-    monkeypatch.setattr(native, "SOURCES", tuple(copy / path.name for path in native.SOURCES))
-    monkeypatch.setattr(native, "HEADERS", tuple(copy / path.name for path in native.HEADERS))
-    assert native.build_dir(tmp_path, "g++ 12") == key
+    shutil.copytree(build._HERE, copy)
+    monkeypatch.setattr(build, "SOURCES", tuple(copy / path.name for path in build.SOURCES))
+    monkeypatch.setattr(build, "HEADERS", tuple(copy / path.name for path in build.HEADERS))
+    assert build.build_dir(tmp_path, "g++ 12") == key
 
     (copy / "vec.h").write_text((copy / "vec.h").read_text() + "\n// changed\n")
-    assert native.build_dir(tmp_path, "g++ 12") != key  # the content is in the key
+    assert build.build_dir(tmp_path, "g++ 12") != key  # the content is in the key
     monkeypatch.undo()
-    assert native.build_dir(tmp_path, "g++ 13") != key
-    monkeypatch.setattr(native, "_CFLAGS", (*native._CFLAGS, "-DX"))
-    assert native.build_dir(tmp_path, "g++ 12") != key
+    assert build.build_dir(tmp_path, "g++ 13") != key
+    monkeypatch.setattr(build, "_CFLAGS", (*build._CFLAGS, "-DX"))
+    assert build.build_dir(tmp_path, "g++ 12") != key
     monkeypatch.undo()
     monkeypatch.setattr(torch, "__version__", "0.0.0")
-    assert native.build_dir(tmp_path, "g++ 12") != key
+    assert build.build_dir(tmp_path, "g++ 12") != key
 
 
 def test_torch_int4_kernel_compiles_nothing(tmp_path: Path) -> None:
@@ -271,12 +271,12 @@ def test_torch_int4_kernel_compiles_nothing(tmp_path: Path) -> None:
     script = (
         "import logging, sys; logging.basicConfig(level=logging.INFO);"
         "from bot.app import model_factory; from bot.config import Settings;"
-        "from bot.model.kernels import native;"
-        "native._compile = lambda *args: sys.exit('compiled');"
+        "from bot.model.kernels import build;"
+        "build._compile = lambda *args: sys.exit('compiled');"
         "gen = model_factory(Settings())();"
         "model = gen.model; model.setup_caches(1, 16); import torch;"
         "model(torch.tensor([[1, 2]]), torch.arange(2)); model(torch.tensor([[3]]), torch.tensor([2]));"
-        "print(native.backend_name())"
+        "print(build.backend_name())"
     )
     env = {
         **os.environ,
@@ -298,8 +298,8 @@ def test_torch_int4_kernel_compiles_nothing(tmp_path: Path) -> None:
 
 def test_the_build_wait_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BOT_KERNEL_BUILD_WAIT_S", "12.5")
-    assert native.build_wait_s() == 12.5
+    assert build.build_wait_s() == 12.5
     monkeypatch.setenv("BOT_KERNEL_BUILD_WAIT_S", "soon")
-    assert native.build_wait_s() == native.BUILD_WAIT_S
+    assert build.build_wait_s() == build.BUILD_WAIT_S
     monkeypatch.delenv("BOT_KERNEL_BUILD_WAIT_S")
-    assert native.build_wait_s() == native.BUILD_WAIT_S
+    assert build.build_wait_s() == build.BUILD_WAIT_S

@@ -20,10 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bot.model.kernels import native
+from bot.model import int4
+from bot.model.kernels import build, layout, ops
 from tests.model.fixture import require_native_kernel
 
-BLOCK = native.BLOCK
+BLOCK = layout.BLOCK
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -32,8 +33,8 @@ def cache_dir(request: pytest.FixtureRequest) -> Path:
     # Compiling takes ~30 s: build once into pytest's cache so later sessions only load. Packing weights
     # builds the kernel too (for its repacking), so every test here configures the cache first.
     cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
-    path = native.default_cache_dir() if cache is None else Path(cache.mkdir("int4-kernels"))
-    native.configure(cache_dir=path)
+    path = build.default_cache_dir() if cache is None else Path(cache.mkdir("int4-kernels"))
+    build.configure(cache_dir=path)
     return path
 
 
@@ -99,7 +100,7 @@ def test_float32_matches_reference_within_int8_rounding(
     bias = torch.randn(out) if with_bias else None
     ref = x @ w.T + (bias if bias is not None else 0)
 
-    y = native.int4_linear(x, native.PackedInt4.from_official(qweight, scale), bias)
+    y = ops.int4_linear(x, layout.PackedInt4.from_official(qweight, scale), bias)
 
     assert y.dtype == torch.float32 and y.shape == (tokens, out)
     assert_within_rounding(y, x, w, ref)
@@ -114,7 +115,7 @@ def test_bfloat16_activations_give_bfloat16_within_rounding() -> None:
     bias = torch.randn(80)
     ref = x.float() @ w.T + bias
 
-    y = native.int4_linear(x, native.PackedInt4.from_official(qweight, scale), bias)
+    y = ops.int4_linear(x, layout.PackedInt4.from_official(qweight, scale), bias)
 
     assert y.dtype == torch.bfloat16
     assert_within_rounding(y, x, w, ref, output_unit_roundoff=2**-8)  # plus one bfloat16 rounding
@@ -123,14 +124,14 @@ def test_bfloat16_activations_give_bfloat16_within_rounding() -> None:
 @pytest.mark.usefixtures("kernel")
 def test_leading_dimensions_and_empty_batches() -> None:
     qweight, scale = official(64, 128)
-    packed = native.PackedInt4.from_official(qweight, scale)
+    packed = layout.PackedInt4.from_official(qweight, scale)
     x = torch.randn(2, 3, 128)
 
-    y = native.int4_linear(x, packed)
+    y = ops.int4_linear(x, packed)
 
     assert y.shape == (2, 3, 64)
-    assert torch.equal(y[1, 2], native.int4_linear(x[1, 2:3], packed)[0])
-    assert native.int4_linear(torch.empty(0, 128), packed).shape == (0, 64)
+    assert torch.equal(y[1, 2], ops.int4_linear(x[1, 2:3], packed)[0])
+    assert ops.int4_linear(torch.empty(0, 128), packed).shape == (0, 64)
 
 
 @pytest.mark.usefixtures("kernel")
@@ -144,7 +145,7 @@ def test_extreme_nibbles_and_activation_outliers() -> None:
     x[:2, 5] = 1000.0
     x[2] = x[2].abs() + 50
 
-    y = native.int4_linear(x, native.PackedInt4.from_official(qweight, scale))
+    y = ops.int4_linear(x, layout.PackedInt4.from_official(qweight, scale))
 
     assert_within_rounding(y, x, w, x @ w.T)
 
@@ -156,49 +157,49 @@ def test_fallback_is_the_exact_float32_reference(out: int, in_features: int, tok
     x = torch.randn(tokens, in_features)
     bias = torch.randn(out)
 
-    y = native.int4_linear(x, native.PackedInt4.from_official(qweight, scale), bias)
+    y = ops.int4_linear(x, layout.PackedInt4.from_official(qweight, scale), bias)
 
-    assert not native.available()
-    assert native.backend_name() == "disabled by configuration"
+    assert not build.available()
+    assert build.backend_name() == "disabled by configuration"
     assert torch.equal(y, x @ dequantized(qweight, scale).T + bias)
-    y16 = native.int4_linear(x.bfloat16(), native.PackedInt4.from_official(qweight, scale))
+    y16 = ops.int4_linear(x.bfloat16(), layout.PackedInt4.from_official(qweight, scale))
     assert torch.equal(y16, (x.bfloat16().float() @ dequantized(qweight, scale).T).bfloat16())
 
 
 def test_unavailable_reasons_are_reported(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
-    with caplog.at_level(logging.WARNING, logger=native.__name__):
-        module, reason = native._load(Path("/nonexistent"))
+    monkeypatch.setattr(build, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    with caplog.at_level(logging.WARNING, logger=build.__name__):
+        module, reason = build._load(Path("/nonexistent"))
     assert module is None
     assert reason == "CPU lacks avx512f/avx512bw/avx512vl/avx512_vnni and avx2/fma"
     assert reason in caplog.text
 
-    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset(native.ISA_FLAGS["avx2"]))
+    monkeypatch.setattr(build, "cpu_flags", lambda: frozenset(build.ISA_FLAGS["avx2"]))
     monkeypatch.setenv("CXX", "no-such-compiler-xyz")
-    assert native._load(Path("/nonexistent")) == (None, "no C++ compiler (no-such-compiler-xyz)")
+    assert build._load(Path("/nonexistent")) == (None, "no C++ compiler (no-such-compiler-xyz)")
 
 
 @pytest.mark.usefixtures("kernel")
 def test_the_build_uses_the_fastest_instruction_set_the_cpu_has() -> None:
-    assert native._kernel().isa == native.expected_isa(native.cpu_flags())
-    amx = " + amx" if native._kernel().amx_enabled() else ""
-    assert native.backend_name() == f"native ({native._kernel().isa}{amx})"
-    if not {"amx_tile", "amx_int8"} <= native.cpu_flags():
-        assert not native.set_amx(True)
-    avx512 = frozenset(native.ISA_FLAGS["avx512-vnni"])
-    assert native.expected_isa(avx512 | {"avx2", "fma"}) == "avx512-vnni"
-    assert native.expected_isa(frozenset({"avx2", "fma", "avx512f", "avx512bw"})) == "avx2"
-    assert native.expected_isa(frozenset({"avx2", "avx"})) is None
+    assert build.kernel().isa == build.expected_isa(build.cpu_flags())
+    amx = " + amx" if build.kernel().amx_enabled() else ""
+    assert build.backend_name() == f"native ({build.kernel().isa}{amx})"
+    if not {"amx_tile", "amx_int8"} <= build.cpu_flags():
+        assert not build.set_amx(True)
+    avx512 = frozenset(build.ISA_FLAGS["avx512-vnni"])
+    assert build.expected_isa(avx512 | {"avx2", "fma"}) == "avx512-vnni"
+    assert build.expected_isa(frozenset({"avx2", "fma", "avx512f", "avx512bw"})) == "avx2"
+    assert build.expected_isa(frozenset({"avx2", "avx"})) is None
 
 
 @pytest.fixture
 def amx() -> Iterator[None]:
-    if not native.set_amx(True):
+    if not build.set_amx(True):
         pytest.skip("no AMX-INT8 here (CPU or OS)")
     yield
-    native.set_amx(True)
+    build.set_amx(True)
 
 
 @pytest.mark.usefixtures("kernel", "amx")
@@ -208,17 +209,17 @@ def test_the_amx_route_gives_the_same_bits_as_vnni_and_as_one_row_at_a_time(
     out: int, in_features: int, dtype: torch.dtype
 ) -> None:
     qweight, scale = official(out, in_features, seed=3)
-    packed = native.PackedInt4.from_official(qweight, scale)
+    packed = layout.PackedInt4.from_official(qweight, scale)
     bias = torch.randn(out, generator=torch.Generator().manual_seed(4))
     gen = torch.Generator().manual_seed(5)
     for tokens in (15, 16, 17, 64, 65, 130):  # below the AMX threshold, one tile, remainders, passes
         x = (torch.randn(tokens, in_features, generator=gen) * 3).to(dtype)
         x[0, 7] = 400.0  # an outlier: its block's scale differs from the others'
-        with_amx = native.int4_linear(x, packed, bias)
-        assert native.set_amx(False) is False
-        without = native.int4_linear(x, packed, bias)
-        native.set_amx(True)
-        alone = torch.cat([native.int4_linear(x[i : i + 1], packed, bias) for i in range(tokens)])
+        with_amx = ops.int4_linear(x, packed, bias)
+        assert build.set_amx(False) is False
+        without = ops.int4_linear(x, packed, bias)
+        build.set_amx(True)
+        alone = torch.cat([ops.int4_linear(x[i : i + 1], packed, bias) for i in range(tokens)])
         assert torch.equal(with_amx, without), tokens
         assert torch.equal(with_amx, alone), tokens
 
@@ -232,18 +233,18 @@ def test_every_batch_size_gives_each_row_the_bits_it_gets_alone(
     """Batched decoding relies on it: 5-8 rows take turns over the weights chunk by chunk, other
     counts go group by group, and a row's output must not depend on which (odd block counts too)."""
     qweight, scale = official(out, in_features, seed=6)
-    packed = native.PackedInt4.from_official(qweight, scale)
+    packed = layout.PackedInt4.from_official(qweight, scale)
     bias = torch.randn(out, generator=torch.Generator().manual_seed(7))
     x = (torch.randn(12, in_features, generator=torch.Generator().manual_seed(8)) * 2).to(dtype)
     x[5, 3] = 300.0  # an outlier in the second token group
-    alone = torch.cat([native.int4_linear(x[i : i + 1], packed, bias) for i in range(12)])
+    alone = torch.cat([ops.int4_linear(x[i : i + 1], packed, bias) for i in range(12)])
     for tokens in range(2, 13):
-        assert torch.equal(native.int4_linear(x[:tokens], packed, bias), alone[:tokens]), tokens
+        assert torch.equal(ops.int4_linear(x[:tokens], packed, bias), alone[:tokens]), tokens
 
 
 def test_packing_round_trips_exactly() -> None:
     qweight, scale = official(70, 300)
-    packed = native.PackedInt4.from_official(qweight, scale)
+    packed = layout.PackedInt4.from_official(qweight, scale)
     full = dequantized(qweight, scale)
 
     assert (packed.out_features, packed.in_features, packed.padded_in) == (70, 300, 320)
@@ -255,14 +256,14 @@ def test_packing_round_trips_exactly() -> None:
 @pytest.mark.parametrize(("out", "in_features"), [(70, 300), (64, 256), (3, 2)])
 def test_compiled_packing_equals_the_torch_packing(out: int, in_features: int) -> None:
     qweight, _ = official(out, in_features)
-    assert torch.equal(native._kernel().pack_official(qweight), native.pack_python(qweight))
+    assert torch.equal(build.kernel().pack_official(qweight), layout.pack_python(qweight))
 
 
-def test_from_float_quantizes_the_official_way() -> None:
+def test_official_quantization_packs_into_the_kernel_layout_exactly() -> None:
     weight = torch.randn(40, 256).half()
     weight[3] = 0  # an all-zero row must not divide by zero
 
-    packed = native.PackedInt4.from_float(weight)
+    packed = layout.PackedInt4.from_official(*int4.quantize(weight))
 
     # chatglm2's quantize(): fp16 arithmetic throughout.
     scale = weight.abs().max(dim=-1).values / 7
@@ -273,27 +274,27 @@ def test_from_float_quantizes_the_official_way() -> None:
 
 def test_bad_inputs_are_rejected() -> None:
     qweight, scale = official(32, 128)
-    packed = native.PackedInt4.from_official(qweight, scale)
+    packed = layout.PackedInt4.from_official(qweight, scale)
     with pytest.raises(ValueError, match="int8"):
-        native.PackedInt4.from_official(qweight.view(torch.uint8), scale)
+        layout.PackedInt4.from_official(qweight.view(torch.uint8), scale)
     with pytest.raises(ValueError, match="scale"):
-        native.PackedInt4.from_official(qweight, scale[:10])
+        layout.PackedInt4.from_official(qweight, scale[:10])
     with pytest.raises(ValueError, match="128 features"):
-        native.int4_linear(torch.randn(2, 100), packed)
+        ops.int4_linear(torch.randn(2, 100), packed)
     with pytest.raises(TypeError, match="float32 or bfloat16"):
-        native.int4_linear(torch.randn(2, 128).half(), packed)
+        ops.int4_linear(torch.randn(2, 128).half(), packed)
     with pytest.raises(ValueError, match="bias"):
-        native.int4_linear(torch.randn(2, 128), packed, torch.zeros(31))
+        ops.int4_linear(torch.randn(2, 128), packed, torch.zeros(31))
 
 
 @pytest.mark.usefixtures("kernel")
 def test_second_process_loads_the_cached_build() -> None:
-    library = Path(native._kernel().__file__)  # <cache dir>/int4_native-<key>/<name>.so, whoever built it
+    library = Path(build.kernel().__file__)  # <cache dir>/int4_native-<key>/<name>.so, whoever built it
     mtime = library.stat().st_mtime_ns
     script = (
         "import logging, sys; from pathlib import Path; logging.basicConfig(level=logging.INFO);"
-        "from bot.model.kernels import native; native.configure(cache_dir=Path(sys.argv[1]));"
-        "assert native.available(), native.backend_name()"
+        "from bot.model.kernels import build; build.configure(cache_dir=Path(sys.argv[1]));"
+        "assert build.available(), build.backend_name()"
     )
     done = subprocess.run(
         [sys.executable, "-c", script, str(library.parent.parent)],
@@ -304,7 +305,7 @@ def test_second_process_loads_the_cached_build() -> None:
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert done.returncode == 0, done.stderr
-    isa = native._kernel().isa
+    isa = build.kernel().isa
     assert f"int4 matmul kernel: native {isa} (loaded from cache, {library.parent})" in done.stderr
     assert library.stat().st_mtime_ns == mtime
 
@@ -312,10 +313,10 @@ def test_second_process_loads_the_cached_build() -> None:
 def test_a_kernel_that_fails_its_self_test_is_not_used() -> None:
     class Broken:
         def pack_official(self, qweight: torch.Tensor) -> torch.Tensor:
-            return native.pack_python(qweight)
+            return layout.pack_python(qweight)
 
         def int4_linear(self, x: torch.Tensor, *_: object) -> torch.Tensor:
             return torch.zeros(x.shape[0], 40)
 
-    with pytest.raises(native._Unavailable, match="self-test failed"):
-        native._self_test(Broken())
+    with pytest.raises(build._Unavailable, match="self-test failed"):
+        build._self_test(Broken())

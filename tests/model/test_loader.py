@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from bot.model import loader
-from bot.model.kernels import native
+from bot.model.kernels import build
 from bot.model.loader import ModelLoadError, load_model, resolve_model_path
 from bot.model.model import ChatGLM2
 from bot.model.quant import Int4Linear
@@ -103,7 +103,7 @@ def test_config_quantization_bit_quantizes_fp16_weights(tmp_path: Path) -> None:
 
 
 def int4_layer_backends(model: ChatGLM2) -> set[str]:
-    return {m.backend for m in model.transformer.encoder.modules() if isinstance(m, Int4Linear)}
+    return {m.backend.name for m in model.transformer.encoder.modules() if isinstance(m, Int4Linear)}
 
 
 def test_auto_dtype_is_bfloat16_with_the_fastest_int4_kernel_for_an_fp16_checkpoint(
@@ -112,7 +112,7 @@ def test_auto_dtype_is_bfloat16_with_the_fastest_int4_kernel_for_an_fp16_checkpo
     with caplog.at_level(logging.INFO, logger="bot.model.loader"):
         model, _, _ = load_model(tiny_dir("int4"), device="cpu")  # config torch_dtype float16
     assert model.compute_dtype == torch.bfloat16
-    want = "native" if native.available() else "packed-cpu"
+    want = "native" if build.available() else "packed-cpu"
     assert int4_layer_backends(model) == {want}
     assert sum(f"int4 matmul {want}" in r.getMessage() for r in caplog.records) == 1  # logged once
 
@@ -123,7 +123,7 @@ def test_native_kernel_runs_every_int4_layer_and_a_two_term_output_layer(int4_ke
     model, _, _ = load_model(tiny_dir("int4"), dtype="bfloat16", device="cpu", int4_kernel=int4_kernel)
     head = model.transformer.output_layer
     assert int4_layer_backends(model) == {"native"}
-    assert isinstance(head, Int4Linear) and head.backend == "native" and head.terms == 2
+    assert isinstance(head, Int4Linear) and head.backend.name == "native" and head.terms == 2
     assert head.weight.numel() == 0 and model.device.type == "cpu"  # official tensors dropped
 
 

@@ -7,10 +7,11 @@ from typing import Any
 import pytest
 import torch
 
-from bot.model.config import ChatGLM2Config, ConfigError
+from bot.model.config import ChatGLM2Config, ModelConfigError
 from bot.model.loader import load_model
-from bot.model.model import ChatGLM2, apply_rope, decode_attention, rope_cache
+from bot.model.model import ChatGLM2, decode_attention, rope_cache
 from tests.model.fixture import expected, tiny_dir
+from tests.model.reference_ops import apply_rope
 
 ATOL = 1e-4
 
@@ -178,7 +179,7 @@ def test_config_presets_and_fixture() -> None:
     assert ChatGLM2Config.from_name("chatglm2-6b-int4").quantization_bit == 4
     tiny = ChatGLM2Config.from_json(tiny_dir("int4") / "config.json")
     assert (tiny.num_layers, tiny.hidden_size, tiny.quantization_bit, tiny.seq_length) == (2, 64, 4, 256)
-    with pytest.raises(ConfigError, match="unknown preset"):
+    with pytest.raises(ModelConfigError, match="unknown preset"):
         ChatGLM2Config.from_name("chatglm3")
 
 
@@ -195,7 +196,7 @@ def test_config_presets_and_fixture() -> None:
     ],
 )
 def test_config_rejects_what_the_engine_does_not_implement(raw: dict[str, Any], match: str) -> None:
-    with pytest.raises(ConfigError, match=match):
+    with pytest.raises(ModelConfigError, match=match):
         ChatGLM2Config.from_dict(raw)
 
 

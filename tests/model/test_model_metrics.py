@@ -7,7 +7,7 @@ from pathlib import Path
 from prometheus_client import generate_latest
 
 from bot import app
-from bot.model.chat import ChatGLM2Generator
+from bot.model.engine import ChatGLM2Generator
 from tests.model.fixture import tiny_dir
 from tests.support import make_settings
 

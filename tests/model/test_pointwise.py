@@ -1,6 +1,6 @@
 """The compiled per-token steps (pointwise.cpp): RMSNorm, SwiGLU, RoPE with the cache write. Each is
 within one bfloat16 rounding of float32 math on the same inputs, independent of the batch, and a model
-with ``use_native_ops`` stays close to PyTorch's path."""
+with the native layers swapped in stays close to PyTorch's path."""
 
 from __future__ import annotations
 
@@ -9,10 +9,18 @@ import torch
 import torch.nn.functional as F
 
 from bot.model.config import ChatGLM2Config
-from bot.model.kernels import native
-from bot.model.model import ChatGLM2, RMSNorm, apply_rope, rope_cache
-from bot.model.quant import Int4Linear, prepare_int4, quantize_int4
+from bot.model.int4 import quantize as quantize_int4
+from bot.model.kernels import ops
+from bot.model.model import ChatGLM2, RMSNorm, rope_cache
+from bot.model.native_layers import (
+    NativeAttention,
+    NativeMLP,
+    NativeRMSNorm,
+    use_native_layers,
+)
+from bot.model.quant import DEQUANTIZED, Int4Linear, prepare_int4
 from tests.model.fixture import require_native_kernel
+from tests.model.reference_ops import apply_rope
 
 BF16_STEP = 2.0**-7  # bfloat16's relative spacing: its rounding moves a value by at most half of it
 TINY = ChatGLM2Config(
@@ -41,21 +49,22 @@ def within_one_rounding(got: torch.Tensor, want: torch.Tensor, slack: float = 1e
 
 def test_rms_norm_is_one_rounding_of_float32_math_and_per_row() -> None:
     x, weight = randn(5, 4096, seed=0, scale=3).bfloat16(), (1 + randn(4096, seed=1, scale=0.1)).bfloat16()
-    got = native.rms_norm(x, weight, 1e-5)
+    got = ops.rms_norm(x, weight, 1e-5)
     xf = x.float()
     want = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * weight.float()
     assert got.dtype == torch.bfloat16 and within_one_rounding(got, want)
-    alone = torch.cat([native.rms_norm(x[i : i + 1], weight, 1e-5) for i in range(5)])
+    alone = torch.cat([ops.rms_norm(x[i : i + 1], weight, 1e-5) for i in range(5)])
     assert torch.equal(got, alone)
 
 
-def test_rms_norm_module_takes_it_when_switched_on() -> None:
+def test_rms_norm_module_takes_it_when_swapped_in() -> None:
     norm = RMSNorm(64, 1e-5, torch.bfloat16)
     norm.weight.data = (1 + randn(64, seed=2, scale=0.1)).bfloat16()
     x = randn(2, 3, 64, seed=3).bfloat16()
     torch_path = norm(x)
-    norm.native = True
-    got = norm(x)
+    swapped = NativeRMSNorm(64, 1e-5, torch.bfloat16)
+    swapped.weight.data = norm.weight.data
+    got = swapped(x)
     assert got.shape == x.shape
     assert ((got.float() - torch_path.float()).abs() <= BF16_STEP * torch_path.float().abs()).all()
 
@@ -64,12 +73,12 @@ def test_swiglu_is_one_rounding_of_float32_math_even_for_large_gates() -> None:
     x = randn(3, 2 * 272, seed=4, scale=4)
     x[0, :16] = torch.tensor([-100.0, -88.0, -30.0, -1e-3, 0.0, 1e-3, 30.0, 88.0, 100.0, 1e4] + [-1e4] * 6)
     x = x.bfloat16()
-    got = native.swiglu(x)
+    got = ops.swiglu(x)
     gate, up = x.float().chunk(2, dim=-1)
     want = F.silu(gate) * up
     assert got.shape == (3, 272) and torch.isfinite(got.float()).all()
     assert within_one_rounding(got, want, slack=1e-30)
-    alone = torch.cat([native.swiglu(x[i : i + 1]) for i in range(3)])
+    alone = torch.cat([ops.swiglu(x[i : i + 1]) for i in range(3)])
     assert torch.equal(got, alone)
 
 
@@ -85,7 +94,7 @@ def test_rope_cache_write_rotates_q_and_k_and_writes_the_given_slots() -> None:
     positions, rows = torch.tensor([0, 7, 31]), torch.tensor([2, 0, 2])
     k_cache, v_cache = caches(3, slots)
     rotated = qkv.clone()
-    native.rope_cache_write(rotated, positions, rows, table, heads, k_cache, v_cache)
+    ops.rope_cache_write(rotated, positions, rows, table, heads, k_cache, v_cache)
     heads_in = qkv[:, : (heads + groups) * dim].float().view(3, 1, heads + groups, dim)
     want = apply_rope(heads_in, table.float()[positions][:, None]).view(3, -1)
     assert within_one_rounding(rotated[:, : (heads + groups) * dim], want, slack=1e-5)
@@ -106,11 +115,11 @@ def test_rope_cache_write_refuses_bad_positions_rows_and_shapes() -> None:
     k_cache, v_cache = caches(2, 8)
     qkv = torch.zeros(1, 8 * 16, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="outside the 8 cache slots"):
-        native.rope_cache_write(qkv, torch.tensor([8]), torch.tensor([0]), table, 4, k_cache, v_cache)
+        ops.rope_cache_write(qkv, torch.tensor([8]), torch.tensor([0]), table, 4, k_cache, v_cache)
     with pytest.raises(RuntimeError, match="outside the 2 cache rows"):
-        native.rope_cache_write(qkv, torch.tensor([0]), torch.tensor([2]), table, 4, k_cache, v_cache)
+        ops.rope_cache_write(qkv, torch.tensor([0]), torch.tensor([2]), table, 4, k_cache, v_cache)
     with pytest.raises(RuntimeError, match="features"):
-        native.rope_cache_write(qkv, torch.tensor([0]), torch.tensor([0]), table, 3, k_cache, v_cache)
+        ops.rope_cache_write(qkv, torch.tensor([0]), torch.tensor([0]), table, 3, k_cache, v_cache)
     assert not k_cache.any() and not v_cache.any()
 
 
@@ -150,10 +159,13 @@ def test_native_ops_model_is_as_close_to_float32_as_pytorchs_bfloat16_path() -> 
         greedy.append(int(decode_logits(reference_model, prompt, greedy)[-1].argmax()))
     reference = decode_logits(reference_model, prompt, greedy[:-1])
     model = tiny_model(torch.bfloat16)
-    assert model.use_native_ops(False) is False
+    assert use_native_layers(model, pointwise=False) is False
     torch_path = decode_logits(model, prompt, greedy[:-1])
-    assert model.use_native_ops() is True
-    assert all(block.input_layernorm.native and block.self_attention.native for block in model.blocks)
+    assert use_native_layers(model) is True
+    assert all(
+        isinstance(block.input_layernorm, NativeRMSNorm) and isinstance(block.self_attention, NativeAttention)
+        for block in model.blocks
+    )
     fast = decode_logits(model, prompt, greedy[:-1])
 
     def rms(error: torch.Tensor) -> float:
@@ -165,7 +177,7 @@ def test_native_ops_model_is_as_close_to_float32_as_pytorchs_bfloat16_path() -> 
 
 def test_native_ops_rows_decode_together_as_they_do_alone() -> None:
     model = tiny_model(torch.bfloat16)
-    assert model.use_native_ops()
+    assert use_native_layers(model)
     model.setup_caches(2, 64)
     prompts = [[5, 17, 42, 99], [8, 9, 10, 11, 12, 13, 14]]
     alone = []
@@ -180,8 +192,11 @@ def test_native_ops_rows_decode_together_as_they_do_alone() -> None:
 
 def test_native_ops_stay_off_for_float32() -> None:
     model = tiny_model(torch.float32)
-    assert model.use_native_ops() is False
-    assert not any(block.mlp.native or block.post_attention_layernorm.native for block in model.blocks)
+    assert use_native_layers(model) is False
+    assert not any(
+        isinstance(block.mlp, NativeMLP) or isinstance(block.post_attention_layernorm, NativeRMSNorm)
+        for block in model.blocks
+    )
 
 
 def batched_decode(model: ChatGLM2) -> torch.Tensor:
@@ -203,9 +218,9 @@ def batched_decode(model: ChatGLM2) -> torch.Tensor:
 
 def test_compiled_decode_step_gives_the_modules_bits(monkeypatch: pytest.MonkeyPatch) -> None:
     model = tiny_model(torch.bfloat16)
-    assert model.use_native_ops(fused_decode=False)
+    assert use_native_layers(model, fused_decode=False)
     modules = batched_decode(model)
-    model.use_native_ops()
+    use_native_layers(model)
     runs: list[int] = []
     blocks_forward = type(model.blocks[0]).forward
 
@@ -221,13 +236,13 @@ def test_compiled_decode_step_gives_the_modules_bits(monkeypatch: pytest.MonkeyP
 
 def test_a_layer_off_the_int4_kernel_keeps_the_modules() -> None:
     model = tiny_model(torch.bfloat16)
-    assert model.use_native_ops()
+    assert use_native_layers(model)
     want = batched_decode(model)
     layer = model.blocks[1].mlp.dense_4h_to_h
     assert isinstance(layer, Int4Linear)
-    layer.packed_native = None  # as if this linear were on PyTorch's kernels
+    layer.backend = DEQUANTIZED  # as if this linear were on PyTorch's kernels
     layer.weight, layer.weight_scale = quantize_int4(randn(TINY.hidden_size, TINY.ffn_hidden_size, seed=1))
-    model.use_native_ops()
+    use_native_layers(model)
     got = batched_decode(model)
-    assert model._compiled_decode_step() is None
+    assert model.fused_decoder is None
     assert got.shape == want.shape and not torch.equal(got, want)  # it ran, with the changed layer

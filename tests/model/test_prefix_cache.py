@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bot.generation import GenerationParams, GenerationRequest, Turn
-from bot.model.chat import ChatGLM2Generator, ChatState, next_turn_text
+from bot.model.engine import ChatGLM2Generator, ChatState, next_turn_text
 from bot.model.prefix_cache import CachedPrefix, PrefixCache, common_prefix_length
 from bot.model.tokenizer import ChatGLMTokenizer
 from tests.model.fixture import real_tokenizer_path, tiny_dir

@@ -1,4 +1,4 @@
-"""INT4: official packing/quantization arithmetic; the packed CPU kernel against the dequantized reference."""
+"""Int4Linear's backends: the packed CPU kernel against the dequantized reference."""
 
 from __future__ import annotations
 
@@ -10,39 +10,11 @@ import pytest
 import torch
 
 from bot.model import quant
-from bot.model.quant import (
-    Int4Linear,
-    dequantize_int4,
-    pack_int4,
-    quantize_int4,
-    to_cpu_int4pack,
-    unpack_int4,
-)
-from tests.model.fixture import tiny_dir
-
-QUANTIZED = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
-
-
-def test_pack_unpack_round_trip_and_nibble_order() -> None:
-    q = torch.randint(-8, 8, (5, 12), dtype=torch.int8)
-    packed = pack_int4(q)
-    assert packed.dtype == torch.int8 and packed.shape == (5, 6)
-    assert torch.equal(unpack_int4(packed), q)
-    one = pack_int4(torch.tensor([[-3, 5]], dtype=torch.int8))
-    assert int(one[0, 0]) == int(torch.tensor(((-3 << 4) | 5) & 0xFF, dtype=torch.uint8).view(torch.int8))
-
-
-def test_quantize_reproduces_the_official_int4_checkpoint() -> None:
-    fp32 = torch.load(tiny_dir("fp32") / "pytorch_model.bin", weights_only=True)
-    int4 = torch.load(tiny_dir("int4") / "pytorch_model.bin", weights_only=True)
-    checked = 0
-    for key, weight in fp32.items():
-        if key.endswith(".weight") and key.split(".")[-2] in QUANTIZED:
-            packed, scale = quantize_int4(weight)
-            assert torch.equal(packed, int4[key]), key
-            assert torch.equal(scale, int4[key + "_scale"]), key
-            checked += 1
-    assert checked == 8
+from bot.model.int4 import dequantize as dequantize_int4
+from bot.model.int4 import pack as pack_int4
+from bot.model.int4 import quantize as quantize_int4
+from bot.model.int4 import unpack as unpack_int4
+from bot.model.quant import Int4Linear, TorchInt4Pack, to_cpu_int4pack
 
 
 def random_layer(out: int, in_features: int, bias: bool, seed: int) -> tuple[Int4Linear, torch.Tensor]:
@@ -66,7 +38,7 @@ def test_packed_kernel_matches_dequantized_reference(out: int, in_features: int,
     reference = x @ weight.T + layer.bias
     torch.testing.assert_close(layer(x), reference, atol=1e-5, rtol=1e-5)  # float32: dequantize path
     layer.prepare(torch.bfloat16)
-    assert layer.packed_cpu is not None
+    assert isinstance(layer.backend, TorchInt4Pack)
     assert layer.weight.numel() == 0  # the official tensors are released once packed
     got = layer(x.bfloat16()).float()
     # bf16 activations and output (8-bit mantissa): reference from the same bf16-rounded input,
@@ -82,10 +54,10 @@ def test_packed_kernel_reads_back_q_times_scale() -> None:
     layer, _ = random_layer(128, 256, bias=False, seed=7)
     q, scale = unpack_int4(layer.weight).float(), layer.weight_scale.bfloat16().float()
     layer.prepare(torch.bfloat16)
-    assert layer.packed_cpu is not None
+    assert isinstance(layer.backend, TorchInt4Pack)
     x = torch.zeros(256, 256, dtype=torch.bfloat16)
     x.fill_diagonal_(1.0)  # identity input reads the weight back (transposed)
-    recovered = layer.packed_cpu.matmul(x).float().T
+    recovered = layer.backend.matmul(x).float().T
     torch.testing.assert_close(recovered, (q * scale[:, None]).bfloat16().float(), atol=0, rtol=0)
 
 
@@ -103,29 +75,12 @@ def test_shapes_the_kernel_refuses_fall_back_to_dequantize(out: int, in_features
     # 22: no multiple of any group size; 40 rows: the kernel needs a multiple of 16
     layer, weight = random_layer(out, in_features, bias=False, seed=1)
     layer.prepare(torch.bfloat16)
-    assert layer.packed_cpu is None
+    assert layer.backend is quant.DEQUANTIZED
     x = torch.randn(3, in_features, dtype=torch.bfloat16)
     torch.testing.assert_close(layer(x), (x.float() @ weight.T).bfloat16(), atol=0.05, rtol=0.02)
 
 
-def test_quantizing_in_row_chunks_equals_the_whole_matrix_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    weight = torch.randn(37, 16, generator=torch.Generator().manual_seed(4)).half()
-    whole = quantize_int4(weight)
-    monkeypatch.setattr(quant, "_PACK_CHUNK_ROWS", 8)  # 37 rows: four full chunks and a partial one
-    chunked = quantize_int4(weight)
-    assert torch.equal(chunked[0], whole[0]) and torch.equal(chunked[1], whole[1])
-
-
-def test_all_zero_row_quantizes_to_zero() -> None:
-    weight = torch.randn(3, 8).half()
-    weight[1] = 0
-    packed, scale = quantize_int4(weight)
-    assert float(scale[1]) == 0 and not bool(unpack_int4(packed)[1].any())
-
-
 def test_odd_width_is_rejected() -> None:
-    with pytest.raises(ValueError, match="even"):
-        quantize_int4(torch.zeros(2, 3))
     with pytest.raises(ValueError, match="even"):
         Int4Linear(3, 2, False, torch.float32)
 
@@ -141,8 +96,8 @@ def test_direct_repacking_equals_the_torch_conversion_op(out: int, in_features: 
 
 PORTABILITY_CHECK = """
 import torch
-from bot.model.quant import Int4Linear, _native_block_rows, dequantize_int4, pack_int4
-from bot.model.quant import quantize_int4, to_cpu_int4pack
+from bot.model.int4 import dequantize as dequantize_int4, pack as pack_int4, quantize as quantize_int4
+from bot.model.quant import Int4Linear, TorchInt4Pack, _native_block_rows, to_cpu_int4pack
 q = torch.randint(-8, 8, (192, 256), dtype=torch.int8)
 want = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32) + 8, 1)
 assert torch.equal(to_cpu_int4pack(pack_int4(q)), want)
@@ -152,7 +107,7 @@ layer.weight, layer.weight_scale = packed, scale
 x = torch.randn(3, 256)
 ref = x.bfloat16().float() @ dequantize_int4(packed, scale, torch.float32).T
 layer.prepare(torch.bfloat16)
-assert layer.packed_cpu is not None
+assert isinstance(layer.backend, TorchInt4Pack)
 assert (layer(x.bfloat16()).float() - ref).abs().max() <= 0.02 * ref.abs().max()
 print(torch.backends.cpu.get_cpu_capability(), _native_block_rows())
 """

@@ -23,7 +23,7 @@ from bot.events import (
     read_command,
 )
 from bot.generation import GenerationRequest
-from bot.sanitize import clean_text
+from bot.sanitize import clean_user_text
 from storage.repository import Claim, ClaimResult, EventStatus, FinalKind, StoredEvent
 from tests.support import RecordingReply, ScriptedGenerator, bot_stack, default_reply
 
@@ -479,7 +479,7 @@ async def test_without_permission_no_text_resets(tmp_path: Path) -> None:
     """Whatever the text, a message the platform marks ``may_reset=False`` never clears the
     conversation; the ones the core reads as a reset get the refusal."""
     texts = reset_like_texts(5000)
-    asked = {text for text in texts if read_command(clean_text(text)) is Command.RESET}
+    asked = {text for text in texts if read_command(clean_user_text(text)) is Command.RESET}
     assert len(asked) > 50  # the generator does reach reset words
     async with bot_stack(tmp_path) as stack:
         storage = ResetRecorder()

@@ -1,5 +1,3 @@
-"""Compiled CPU kernels for the model's int4 linears (see native.py)."""
-
-from bot.model.kernels.native import PackedInt4, available, backend_name, configure, int4_linear
-
-__all__ = ["PackedInt4", "available", "backend_name", "configure", "int4_linear"]
+"""The compiled CPU kernels: build.py builds and loads them, layout.py holds the int4 weight layout they
+read, ops.py the calls on tensors; the C++ beside them (int4_native.cpp dispatches to int4_avx512.h,
+int4_amx.h and int4_avx2.h)."""

@@ -1,8 +1,8 @@
 // Attention of one new token per cache row over bfloat16 keys/values, for batched decoding.
 //
 // PyTorch's path (model.decode_attention) converts each row's whole K and V to float32 and runs two
-// batched matmuls, a masked fill and a softmax per layer: with 8 rows of ~1,150 slots that measured
-// 50-230 ms per decode step over the 28 layers (bench/attention.py), against 27-33 ms here. This reads
+// batched matmuls, a masked fill and a softmax per layer, which dominated batched decode steps
+// (bench/attention.py measures both; bot/model/README.md). This reads
 // K and V once, converts them block by block in cache, and works in float32: per (row, key/value
 // group), the group's query heads sit in the lanes of one 16-float vector, so each slot costs 2 x 128
 // multiply-adds with a broadcast operand and no horizontal sums. Each (row, group) is computed the same

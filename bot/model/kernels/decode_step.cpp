@@ -1,9 +1,9 @@
 // A whole decode step of the transformer layers in one call, for bfloat16 models whose linears all run
 // on the int4 kernel: each layer is RMSNorm, qkv, RoPE with the cache write, attention, dense + residual,
 // RMSNorm, h_to_4h, SwiGLU, 4h_to_h + residual. It calls the same kernels in the same order as the
-// model's Python modules do with native ops (model.py), so its output is the same bit for bit; what it
-// saves is the Python and dispatcher cost between them, ~8 ms of a ~105 ms step (2 cores, 28 layers),
-// and it holds no GIL while it runs.
+// compiled modules of native_layers.py do, so its output is the same bit for bit; what it saves is the
+// Python and dispatcher cost between them (measured: bot/model/README.md, kernel tuning), and it holds
+// no GIL while it runs.
 
 #include <torch/extension.h>
 

@@ -1,6 +1,6 @@
 // The small per-token steps of a bfloat16 forward, one call each instead of 3-8 PyTorch ops: RMSNorm,
 // SwiGLU, and RoPE with the key/value cache write. In a decode step these ops move a few KB each, so
-// PyTorch's per-op cost dominated them: ~15 ms of a ~110 ms step (2 cores, ChatGLM2-6B). Each works in
+// PyTorch's per-op cost dominated them (bot/model/README.md). Each works in
 // float32 and rounds to bfloat16 once per output; every token row is computed the same way whatever
 // the batch, so a row's result does not depend on the rows beside it.
 

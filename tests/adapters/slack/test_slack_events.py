@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from adapters.slack_events import clean_text, command_message, parse_command, to_message
+from adapters.slack_events import command_message, parse_command, slack_markup_to_text, to_message
 from adapters.slack_reply import escape, slack_size
 from bot.events import ChannelRef, Command
 from tests.adapters.slack.fake_slack import BOT_USER_ID, event_body, mention, message
@@ -87,11 +87,11 @@ def test_clean_text_strips_the_bot_and_renders_markup_as_plain_text() -> None:
         f"<@{BOT_USER_ID}>  hi <@U2> and <@U3|bob>, see <#C1|general> <!here> <!subteam^S1|@team> "
         "<https://a.example/x?y=1&amp;z=2|docs> <mailto:a@b.c> 1 &lt; 2 &amp;&amp; 3 &gt; 2"
     )
-    assert clean_text(text, BOT_USER_ID, {"U2": "Carol"}) == (
+    assert slack_markup_to_text(text, BOT_USER_ID, {"U2": "Carol"}) == (
         "hi @Carol and @bob, see #general @here @team docs (https://a.example/x?y=1&z=2) "
         "mailto:a@b.c 1 < 2 && 3 > 2"
     )
-    assert "<@" not in clean_text("<@U9>", BOT_USER_ID, {})
+    assert "<@" not in slack_markup_to_text("<@U9>", BOT_USER_ID, {})
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from adapters.slack_reply import PLACEHOLDER, escape
-from bot.model.chat import ChatGLM2Generator
+from bot.model.engine import ChatGLM2Generator
 from tests.adapters.slack.fake_slack import FakeSlack, event_body, mention
 from tests.adapters.slack.harness import slack_rig
 from tests.model.fixture import expected, tiny_dir

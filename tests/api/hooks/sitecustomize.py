@@ -14,7 +14,7 @@ if _TOKEN_DELAY_S or _LOAD_DELAY_S:
     import time
     from typing import Any
 
-    from bot.model.chat import ChatGLM2Generator, ChatState
+    from bot.model.engine import ChatGLM2Generator, ChatState
 
     _sample = ChatGLM2Generator._sample
     _load = ChatGLM2Generator.load.__func__  # type: ignore[attr-defined]

@@ -11,7 +11,7 @@ masking.
 Prefill is chunked: each ``step`` (``begin`` too) prefills at most ``prefill_chunk_tokens`` of the
 oldest request still prefilling, after the decode forward. A long prompt so pauses the other streams
 for one chunk at a time instead of its whole prefill, and activation memory is bounded by the chunk.
-Each chunk reads the weights once more, which is small next to its compute (~2-5 % at 64 tokens).
+Each chunk reads the weights once more, which is small next to its compute.
 
 Prefix reuse: when a turn of a conversation ends, its row's KV is copied into a ``PrefixCache`` keyed
 by ``GenerationRequest.conversation``. The next turn copies back the longest common prefix of the
@@ -53,11 +53,11 @@ import torch
 
 from bot.generation import DecodeState, GenerationRequest, GenerationResult, Turn
 from bot.model.config import ChatGLM2Config
-from bot.model.generate import MAX_LENGTH, GenerationOutput, SamplingParams, next_token
 from bot.model.loader import load_model
 from bot.model.model import ChatGLM2
 from bot.model.prefix_cache import CachedPrefix, PrefixCache, common_prefix_length
 from bot.model.quant import int4_backends
+from bot.model.sampling import MAX_LENGTH, GenerationOutput, SamplingParams, next_token
 from bot.model.tokenizer import ChatGLMTokenizer, StreamDecoder, process_response
 
 log = logging.getLogger(__name__)
@@ -67,8 +67,8 @@ _MB = 1 << 20
 FIXUP_MAX_TOKENS = 256
 _MAX_PENDING_EXTENSIONS = 64  # conversations whose kept KV waits for idle time (most recent kept)
 PREFILL_CHUNK_TOKENS = 64
-# Idle work's chunk: a request arriving during one waits for it (~1 s at 16 tokens on a slow 2-core
-# CPU), and reading the weights once more per chunk costs only idle time.
+# Idle work's chunk: small, since a request arriving during one waits for it; reading the weights once
+# more per chunk costs only idle time.
 IDLE_CHUNK_TOKENS = 16
 
 

@@ -71,7 +71,7 @@ def sample(
         # The exponential race torch.multinomial runs for one sample (argmax p / E, E ~ Exp(1)), with one
         # draw per id of the whole row as it makes them: a tiny change in the scores that reorders ties
         # or moves the top-k boundary then changes no other id's draw. The draws are float64 uniforms
-        # (~0.2 ms per 65,024-id row; exponential_ takes ~1 ms), made exponential for the kept ids only.
+        # (cheaper than exponential_), made exponential for the kept ids only.
         probs, ids = kept
         uniform = torch.empty(scores.shape, dtype=torch.float64, device=scores.device)
         race = uniform.uniform_(generator=generator).gather(-1, ids).neg_().log1p_().neg_()  # [B, n], E >= 0
@@ -93,8 +93,8 @@ def sample(
 def top_k_probs(scores: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor] | None:
     """What transformers' top-k then top-p warpers and a softmax give, on the best scores only:
     (probabilities [B, n], their ids [B, n]). The other ids are -inf after top-k, so they change neither
-    top-p's cumulative sums nor the softmax. ~0.5 ms per 65,024-id row instead of ~5 ms (top-p sorted
-    the whole row). None without a top-k below the row's size: the caller then runs the warpers."""
+    top-p's cumulative sums nor the softmax, and top-p need not sort the whole row. None without a top-k
+    below the row's size: the caller then runs the warpers."""
     if not 0 < params.top_k < scores.shape[-1]:
         return None
     values, ids = scores.topk(params.top_k, dim=-1)  # [B, k], best first

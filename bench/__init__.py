@@ -1,0 +1,1 @@
+"""Benchmarks that print JSON: ``python -m bench.<name>`` from the repository root (bench/README.md)."""
