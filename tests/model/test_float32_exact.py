@@ -1,5 +1,5 @@
 """float32 reproduces the official greedy answers through every path: the batch engine with requests
-decoding together, prefix KV reuse and the model service (generate and the CLI: test_generate.py,
+decoding together, prefix KV reuse and the model service (generate and the CLI: test_sampling.py,
 test_cli.py)."""
 
 from __future__ import annotations
