@@ -37,6 +37,7 @@ if __package__ in (None, ""):  # run as python bench/<name>.py: import from the 
 from bench import common
 from bot.generation import GenerationParams, GenerationRequest, Turn
 from bot.model.engine import ChatGLM2Generator, ChatState
+from bot.model.kv_cache import read_kv, write_kv
 from bot.service import ModelService
 
 WORDS = ("river", "quiet", "mountain", "number", "yellow", "answer", "garden", "window", "train", "paper")
@@ -162,8 +163,8 @@ def kv_copy_ms_per_1k_tokens(generator: ChatGLM2Generator) -> float:
     """Cost of moving 1024 tokens of KV out of and back into a batch row (the prefix cache's copies)."""
     length = min(1024, generator.max_context_tokens)
     started = time.perf_counter()
-    kv = generator.model.read_kv(0, length)
-    generator.model.write_kv(0, kv)
+    kv = read_kv(generator.model.caches(), 0, length)
+    write_kv(generator.model.caches(), 0, kv)
     return (time.perf_counter() - started) * 1000 * 1024 / length
 
 

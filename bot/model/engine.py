@@ -53,6 +53,7 @@ import torch
 
 from bot.generation import DecodeState, GenerationRequest, GenerationResult, Turn
 from bot.model.config import ChatGLM2Config
+from bot.model.kv_cache import read_kv, write_kv
 from bot.model.loader import load_model
 from bot.model.model import ChatGLM2
 from bot.model.prefix_cache import CachedPrefix, PrefixCache, common_prefix_length
@@ -291,7 +292,7 @@ class ChatGLM2Generator:
         )
         try:
             if cached is not None and reused:
-                self.model.write_kv(row, cached.kv[:, :, :, :reused])
+                write_kv(self.model.caches(), row, cached.kv[:, :, :, :reused])
             state.prefill_s = time.perf_counter() - started
             self._prefill_next(state)
         except BaseException:
@@ -375,9 +376,9 @@ class ChatGLM2Generator:
             finished = True  # nothing to add, the last chunk, or a failure: the work is over
             try:
                 if 0 < start < end:
-                    self.model.write_kv(free, entry.kv[:, :, :, :start])
+                    write_kv(self.model.caches(), free, entry.kv[:, :, :, :start])
                     self._prefill(free, target[:end], start)
-                    entry = CachedPrefix(target[:end], self.model.read_kv(free, end))
+                    entry = CachedPrefix(target[:end], read_kv(self.model.caches(), free, end))
                     finished = end == len(target)
             except Exception:
                 log.exception("extending a conversation's kept KV failed")
@@ -487,7 +488,7 @@ class ChatGLM2Generator:
         ids = state.prompt_ids[: state.prefilled]  # prefill-computed KV only
         conversation = state.request.conversation or self.prefix_cache.new_anonymous_key()
         try:
-            kv = self.model.read_kv(state.row, len(ids))
+            kv = read_kv(self.model.caches(), state.row, len(ids))
             self.prefix_cache.put(conversation, CachedPrefix(tuple(ids), kv))
             if state.source is not None:  # superseded: every prompt it served shares as much with ids
                 source_key, source_entry = state.source

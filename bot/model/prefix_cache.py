@@ -23,7 +23,7 @@ import torch
 @dataclass(frozen=True, slots=True)
 class CachedPrefix:
     ids: tuple[int, ...]
-    kv: torch.Tensor  # [L, 2, G, len(ids), D], from ChatGLM2.read_kv
+    kv: torch.Tensor  # [L, 2, G, len(ids), D], from kv_cache.read_kv
 
     @property
     def nbytes(self) -> int:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from bot.model.config import ChatGLM2Config, ModelConfigError
+from bot.model.kv_cache import read_kv, write_kv
 from bot.model.loader import load_model
 from bot.model.model import ChatGLM2, decode_attention, rope_cache
 from tests.model.fixture import expected, tiny_dir
@@ -133,9 +134,9 @@ def test_prefill_into_a_chosen_row_and_copy_kv_between_rows(model: tuple[str, Ch
         m(torch.tensor([a[:-1]]), torch.arange(len(a) - 1), first_row=1)
         out = m(torch.tensor([[a[-1]]]), torch.tensor([len(a) - 1]), first_row=1)
         torch.testing.assert_close(out[0, -1], want, atol=ATOL, rtol=0)
-        kv = m.read_kv(1, 10)
+        kv = read_kv(m.caches(), 1, 10)
         assert kv.shape == (m.config.num_layers, 2, m.config.kv_groups, 10, m.config.head_dim)
-        m.write_kv(0, kv)  # row 0: the first 10 slots copied, the rest prefilled
+        write_kv(m.caches(), 0, kv)  # row 0: the first 10 slots copied, the rest prefilled
         m(torch.tensor([a[10:-1]]), torch.arange(10, len(a) - 1), first_row=0)
         again = m(torch.tensor([[a[-1]]]), torch.tensor([len(a) - 1]))
     torch.testing.assert_close(again[0, -1], want, atol=ATOL, rtol=0)

@@ -7,6 +7,7 @@ import torch
 
 from bot.generation import GenerationParams, GenerationRequest, Turn
 from bot.model.engine import ChatGLM2Generator, ChatState, next_turn_text
+from bot.model.kv_cache import read_kv
 from bot.model.prefix_cache import CachedPrefix, PrefixCache, common_prefix_length
 from bot.model.tokenizer import ChatGLMTokenizer
 from tests.model.fixture import real_tokenizer_path, tiny_dir
@@ -132,7 +133,7 @@ def test_stopped_turn_keeps_only_valid_kv(pair: tuple[ChatGLM2Generator, ChatGLM
 
 def test_memory_bound_holds_under_50_conversations() -> None:
     generator = ChatGLM2Generator.load(tiny_dir("fp32"), dtype="float32", device="cpu", max_batch_size=4)
-    one_turn = generator.model.read_kv(0, 40).nbytes  # about one short turn's KV
+    one_turn = read_kv(generator.model.caches(), 0, 40).nbytes  # about one short turn's KV
     limit = 5 * one_turn
     generator.prefix_cache = PrefixCache(limit)
     params = GenerationParams(max_new_tokens=3, temperature=0.0)
