@@ -229,6 +229,8 @@ class Bench:
         report: dict[str, Any] = {"questions": 0, "answered_once": 0, "duplicates": 0, "lost": 0}
         report |= {"dangling_placeholders": 0, "out_of_order": 0}
         acks: list[float] = []
+        statuses = await database.event_statuses()
+        breakdown: dict[str, dict[str, int]] = {}  # transport -> outcome -> questions, for stderr
         for conversation in conversations:
             transport = owners[id(conversation)]
             turns = await database.turns(transport.channel_ref(conversation))
@@ -237,11 +239,19 @@ class Bench:
                 stored = [turn for turn in turns if question.qid in turn.user]
                 shown = transport.messages(question)
                 if len(stored) > 1 or len(shown) > 1:
-                    report["duplicates"] += 1
+                    outcome = "duplicates"
                 elif stored and shown and shown[0] == transport.shown(stored[0].assistant):
-                    report["answered_once"] += 1
+                    outcome = "answered_once"
                 else:
-                    report["lost"] += 1
+                    outcome = "lost"
+                    status = statuses.get(str(question.event_id), "never recorded")
+                    shows = "nothing" if not shown else "a partial or other text" if stored else "text"
+                    outcome_detail = f"lost ({status}; stored {len(stored)}, shows {shows})"
+                    counts = breakdown.setdefault(transport.name, {})
+                    counts[outcome_detail] = counts.get(outcome_detail, 0) + 1
+                report[outcome] += 1
+                counts = breakdown.setdefault(transport.name, {})
+                counts[outcome] = counts.get(outcome, 0) + 1
                 reacted = transport.reacted_at(question)
                 if reacted is not None and question.ack_s is not None:
                     acks.append(question.ack_s)
@@ -260,6 +270,7 @@ class Bench:
                 1 for text in transport.conversation_messages(conversation) if transport.is_placeholder(text)
             )
         report["p99_ack_s"] = round(percentile(acks, 0.99), 3)
+        print(f"faults: by transport: {json.dumps(breakdown, sort_keys=True)}", file=self.log)
         return report
 
 
