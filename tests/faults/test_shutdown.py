@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.faults.conftest import MakeRig
+from tests.faults.conftest import MakeRig, transports
 from tests.faults.harness import (
     TRANSPORTS,
     Question,
@@ -55,7 +55,7 @@ async def test_sigterm_with_a_short_grace_leaves_the_answer_to_the_next_process(
     assert report.ok, failure(report, rig.bot, "SIGTERM with a 1 s grace during a 3.5 s answer")
 
 
-@pytest.mark.parametrize("transport", ["slack_http", "discord_mention"])
+@pytest.mark.parametrize("transport", transports("slack_http", "discord_mention"))
 async def test_sigterm_lets_a_running_answer_finish_within_the_grace(
     make_rig: MakeRig, transport: str
 ) -> None:
