@@ -231,6 +231,7 @@ class Bench:
         acks: list[float] = []
         statuses = await database.event_statuses()
         breakdown: dict[str, dict[str, int]] = {}  # transport -> outcome -> questions, for stderr
+        by_transport: dict[str, list[float]] = {}  # transport -> ack seconds, for stderr
         for conversation in conversations:
             transport = owners[id(conversation)]
             turns = await database.turns(transport.channel_ref(conversation))
@@ -253,10 +254,12 @@ class Bench:
                 counts = breakdown.setdefault(transport.name, {})
                 counts[outcome] = counts.get(outcome, 0) + 1
                 reacted = transport.reacted_at(question)
-                if reacted is not None and question.ack_s is not None:
-                    acks.append(question.ack_s)
-                elif reacted is not None:
-                    acks.append(max(0.0, reacted - question.sent_at))
+                ack = question.ack_s if question.ack_s is not None else None
+                if ack is None and reacted is not None:
+                    ack = max(0.0, reacted - question.sent_at)
+                if ack is not None:
+                    acks.append(ack)
+                    by_transport.setdefault(transport.name, []).append(ack)
             position: dict[str, int] = {}
             for index, turn in enumerate(turns):
                 for question in conversation.questions:
@@ -271,6 +274,8 @@ class Bench:
             )
         report["p99_ack_s"] = round(percentile(acks, 0.99), 3)
         print(f"faults: by transport: {json.dumps(breakdown, sort_keys=True)}", file=self.log)
+        p99 = {name: round(percentile(values, 0.99), 3) for name, values in sorted(by_transport.items())}
+        print(f"faults: p99 ack seconds by transport: {json.dumps(p99)}", file=self.log)
         return report
 
 
