@@ -250,11 +250,18 @@ class Bench:
                     outcome_detail = f"lost ({status}; stored {len(stored)}, shows {shows})"
                     counts = breakdown.setdefault(transport.name, {})
                     counts[outcome_detail] = counts.get(outcome_detail, 0) + 1
+                    since = [round(question.sent_at - kill, 2) for kill in self.kills]
+                    nearest = min(since, key=abs) if since else None
+                    print(
+                        f"faults: {question.qid} ({transport.name}) {outcome_detail}; sent {nearest} s after "
+                        "the nearest kill/stop",
+                        file=self.log,
+                    )
                 report[outcome] += 1
                 counts = breakdown.setdefault(transport.name, {})
                 counts[outcome] = counts.get(outcome, 0) + 1
                 reacted = transport.reacted_at(question)
-                ack = question.ack_s if question.ack_s is not None else None
+                ack = question.ack_s
                 if ack is None and reacted is not None:
                     ack = max(0.0, reacted - question.sent_at)
                 if ack is not None:
