@@ -7,8 +7,9 @@ Slack and fake Discord run in this process. Conversations take turns: Slack thre
 channels with mentions, Discord channels with ``/ask``. Each conversation's questions are sent in
 order, with short random gaps, by their own sender, as the platform would deliver them: Slack HTTP
 retries an event until it gets a 200, Socket Mode resends an envelope that got no ack, and a Discord
-event that reached the gateway less than a second before a kill and was never recorded is sent again
-as a new message (Discord does not redeliver it; the user would ask again).
+event sent less than a second before or after a kill or stop (the fake's gateway may not yet have
+seen the socket close) and never recorded is sent again as a new message (Discord does not
+redeliver it; the user would ask again).
 
 It prints one JSON object:
 
@@ -72,7 +73,7 @@ KEYS = (
     "restarts",
     "elapsed_s",
 )
-LOSS_WINDOW_S = 1.0  # a Discord event this close before a kill may never have reached the bot
+LOSS_WINDOW_S = 1.0  # a Discord event this close to a kill or stop may never have reached the bot
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -192,7 +193,7 @@ class Bench:
         for _ in range(3):
             sent = question.sent_at
             await asyncio.sleep(LOSS_WINDOW_S)
-            if not any(sent <= kill <= sent + LOSS_WINDOW_S for kill in self.kills):
+            if not any(abs(kill - sent) <= LOSS_WINDOW_S for kill in self.kills):
                 return
             await wait_until(lambda: bot.running and transport.fake.connected, 60)
             await asyncio.sleep(1.0)  # recovery after the restart
