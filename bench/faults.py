@@ -7,8 +7,9 @@ Slack and fake Discord run in this process. Conversations take turns: Slack thre
 channels with mentions, Discord channels with ``/ask``. Each conversation's questions are sent in
 order, with short random gaps, by their own sender, as the platform would deliver them: Slack HTTP
 retries an event until it gets a 200, Socket Mode resends an envelope that got no ack, and a Discord
-event that reached the gateway less than a second before a kill and was never recorded is sent again
-as a new message (Discord does not redeliver it; the user would ask again).
+event sent less than a second before or after a kill or stop (the fake's gateway may not yet have
+seen the socket close) and never recorded is sent again as a new message (Discord does not
+redeliver it; the user would ask again).
 
 It prints one JSON object:
 
@@ -72,7 +73,7 @@ KEYS = (
     "restarts",
     "elapsed_s",
 )
-LOSS_WINDOW_S = 1.0  # a Discord event this close before a kill may never have reached the bot
+LOSS_WINDOW_S = 1.0  # a Discord event this close to a kill or stop may never have reached the bot
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -192,7 +193,7 @@ class Bench:
         for _ in range(3):
             sent = question.sent_at
             await asyncio.sleep(LOSS_WINDOW_S)
-            if not any(sent <= kill <= sent + LOSS_WINDOW_S for kill in self.kills):
+            if not any(abs(kill - sent) <= LOSS_WINDOW_S for kill in self.kills):
                 return
             await wait_until(lambda: bot.running and transport.fake.connected, 60)
             await asyncio.sleep(1.0)  # recovery after the restart
@@ -229,6 +230,9 @@ class Bench:
         report: dict[str, Any] = {"questions": 0, "answered_once": 0, "duplicates": 0, "lost": 0}
         report |= {"dangling_placeholders": 0, "out_of_order": 0}
         acks: list[float] = []
+        statuses = await database.event_statuses()
+        breakdown: dict[str, dict[str, int]] = {}  # transport -> outcome -> questions, for stderr
+        by_transport: dict[str, list[float]] = {}  # transport -> ack seconds, for stderr
         for conversation in conversations:
             transport = owners[id(conversation)]
             turns = await database.turns(transport.channel_ref(conversation))
@@ -237,16 +241,33 @@ class Bench:
                 stored = [turn for turn in turns if question.qid in turn.user]
                 shown = transport.messages(question)
                 if len(stored) > 1 or len(shown) > 1:
-                    report["duplicates"] += 1
+                    outcome = "duplicates"
                 elif stored and shown and shown[0] == transport.shown(stored[0].assistant):
-                    report["answered_once"] += 1
+                    outcome = "answered_once"
                 else:
-                    report["lost"] += 1
+                    outcome = "lost"
+                    status = statuses.get(str(question.event_id), "never recorded")
+                    shows = "nothing" if not shown else "a partial or other text" if stored else "text"
+                    outcome_detail = f"lost ({status}; stored {len(stored)}, shows {shows})"
+                    counts = breakdown.setdefault(transport.name, {})
+                    counts[outcome_detail] = counts.get(outcome_detail, 0) + 1
+                    since = [round(question.sent_at - kill, 2) for kill in self.kills]
+                    nearest = min(since, key=abs) if since else None
+                    print(
+                        f"faults: {question.qid} ({transport.name}) {outcome_detail}; sent {nearest} s after "
+                        "the nearest kill/stop",
+                        file=self.log,
+                    )
+                report[outcome] += 1
+                counts = breakdown.setdefault(transport.name, {})
+                counts[outcome] = counts.get(outcome, 0) + 1
                 reacted = transport.reacted_at(question)
-                if reacted is not None and question.ack_s is not None:
-                    acks.append(question.ack_s)
-                elif reacted is not None:
-                    acks.append(max(0.0, reacted - question.sent_at))
+                ack = question.ack_s
+                if ack is None and reacted is not None:
+                    ack = max(0.0, reacted - question.sent_at)
+                if ack is not None:
+                    acks.append(ack)
+                    by_transport.setdefault(transport.name, []).append(ack)
             position: dict[str, int] = {}
             for index, turn in enumerate(turns):
                 for question in conversation.questions:
@@ -260,6 +281,9 @@ class Bench:
                 1 for text in transport.conversation_messages(conversation) if transport.is_placeholder(text)
             )
         report["p99_ack_s"] = round(percentile(acks, 0.99), 3)
+        print(f"faults: by transport: {json.dumps(breakdown, sort_keys=True)}", file=self.log)
+        p99 = {name: round(percentile(values, 0.99), 3) for name, values in sorted(by_transport.items())}
+        print(f"faults: p99 ack seconds by transport: {json.dumps(p99)}", file=self.log)
         return report
 
 

@@ -9,6 +9,7 @@ without that it runs on SQLite.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import pytest
 from tests.adapters.discord.fake_discord import FakeDiscord
 from tests.adapters.slack.fake_slack import FakeSlack
 from tests.faults.harness import (
+    TRANSPORTS,
     BotProcess,
     Database,
     DiscordAskTransport,
@@ -36,10 +38,26 @@ __all__ = ["postgres_admin_url"]  # the session fixture, shared with tests/stora
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
 
+# BOT_TEST_FAULTS_FULL=1 runs every scenario on every transport and both databases (slow).
+FULL_MATRIX = os.environ.get("BOT_TEST_FAULTS_FULL") == "1"
+
+
 def on(transport: str, backend: str = "sqlite") -> Any:
     """One case of ``parametrize(("transport", "backend"), [...], indirect=["backend"])``."""
     marks = [pytest.mark.postgres] if backend == "postgres" else []
     return pytest.param(transport, backend, id=f"{transport}-{backend}", marks=marks)
+
+
+def cases(*chosen: Any) -> list[Any]:
+    """``chosen`` (``on(...)`` cases), or with BOT_TEST_FAULTS_FULL=1 every transport on both databases."""
+    if FULL_MATRIX:
+        return [on(t, b) for b in ("sqlite", "postgres") for t in TRANSPORTS]
+    return list(chosen)
+
+
+def transports(*chosen: str) -> list[str]:
+    """``chosen``, or with BOT_TEST_FAULTS_FULL=1 every transport."""
+    return list(TRANSPORTS) if FULL_MATRIX else list(chosen)
 
 
 MakeRig = Callable[..., Awaitable[Rig]]

@@ -949,7 +949,7 @@ async def wait_settled(
     bot: BotProcess | None,
     *,
     timeout_s: float = 20.0,
-    quiet_s: float = 1.0,
+    quiet_s: float = 0.7,
     conversations: Sequence[Conversation] | None = None,
 ) -> bool:
     """Wait (bounded) until ``settled``, then ``quiet_s`` more for anything posted late (a

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.faults.conftest import MakeRig
+from tests.faults.conftest import MakeRig, transports
 from tests.faults.harness import check, failure, wait_settled
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 
-@pytest.mark.parametrize("transport", ["slack_socket", "discord_ask"])
+@pytest.mark.parametrize("transport", transports("slack_socket"))
 async def test_a_clean_restart_reconnects_and_keeps_the_history(make_rig: MakeRig, transport: str) -> None:
     rig = await make_rig(transport, FAULT_WORDS="5")
     conversation = rig.transport.new_conversation()

@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from tests.faults.conftest import MakeRig, on
+from tests.faults.conftest import MakeRig, cases, on
 from tests.faults.harness import (
     TRANSPORTS,
     assert_delivered,
@@ -24,9 +24,9 @@ from tests.faults.harness import (
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 # Every transport on SQLite, and PostgreSQL for one; the matrix is kept small for run time.
-KILLED = [*(on(t) for t in TRANSPORTS), on("slack_http", "postgres")]
-FINAL_EDIT = [on(t) for t in TRANSPORTS]
-QUEUED = [on("slack_http"), on("discord_mention"), on("discord_ask"), on("slack_socket", "postgres")]
+KILLED = cases(*(on(t) for t in TRANSPORTS), on("slack_http", "postgres"))
+FINAL_EDIT = cases(*(on(t) for t in TRANSPORTS))
+QUEUED = cases(on("slack_http"), on("discord_mention"), on("discord_ask"), on("slack_socket", "postgres"))
 
 
 @pytest.mark.parametrize(("transport", "backend"), KILLED, indirect=["backend"])
@@ -47,7 +47,9 @@ async def test_kill_during_generation(make_rig: MakeRig, transport: str, backend
 async def test_kill_while_the_final_edit_is_in_flight(
     make_rig: MakeRig, transport: str, backend: str
 ) -> None:
-    rig = await make_rig(transport, FAULT_WORDS="30")
+    # No streamed edit within the answer's 1.5 s: the first edit with the whole answer is the final
+    # one, made once the answer is stored (a streamed update carrying all of it would be case a).
+    rig = await make_rig(transport, FAULT_WORDS="30", BOT_STREAM_INTERVAL="3")
     conversation = rig.transport.new_conversation()
     held = asyncio.Event()
     fault = rig.transport.edit_fault(conversation, final_only=True, hold=held)

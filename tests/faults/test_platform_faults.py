@@ -13,13 +13,13 @@ import pytest
 
 from tests.adapters.discord import fake_discord
 from tests.adapters.slack import fake_slack
-from tests.faults.conftest import MakeRig
+from tests.faults.conftest import MakeRig, transports
 from tests.faults.harness import check, failure, wait_settled
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 
-@pytest.mark.parametrize("transport", ["slack_http", "slack_socket", "discord_ask"])
+@pytest.mark.parametrize("transport", transports("slack_http", "slack_socket", "discord_ask"))
 async def test_quick_questions_are_answered_in_arrival_order_despite_slow_lookups(
     make_rig: MakeRig, transport: str
 ) -> None:
@@ -48,7 +48,7 @@ async def test_quick_questions_are_answered_in_arrival_order_despite_slow_lookup
     assert report.ok, failure(report, rig.bot, "five quick questions, the first one's lookup slowest")
 
 
-@pytest.mark.parametrize("transport", ["slack_http", "discord_mention"])
+@pytest.mark.parametrize("transport", transports("slack_http", "discord_mention"))
 async def test_edits_slower_than_the_stream_interval_are_bounded_and_never_overlap(
     make_rig: MakeRig, transport: str
 ) -> None:
