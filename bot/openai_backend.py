@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,10 @@ from bot.config import ConfigError, Settings
 from bot.generation import GenerationRequest, GenerationResult, Turn
 from bot.model.tokenizer import TOKENIZER_FILE, ChatGLMTokenizer
 from bot.service import (
+    DONE,
+    ERROR,
+    TEXT,
+    EventStream,
     GenerationCancelled,
     GenerationFailed,
     GenerationTimeout,
@@ -46,8 +50,6 @@ ATTEMPTS = 4  # before the first text: the first try and three retries
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 8.0
 CONNECT_TIMEOUT_S = 10.0
-_TEXT, _DONE, _ERROR = "text", "done", "error"
-_Event = tuple[str, object]
 Emit = Callable[[str, object], None]
 
 
@@ -71,13 +73,12 @@ class _Malformed(Exception):
     pass
 
 
-class OpenAIStream:
+class OpenAIStream(EventStream):
     """A ``TextStream`` fed by a task that talks to the server; leaving the iteration early or
     ``cancel()`` cancels the task, which closes the HTTP stream."""
 
     def __init__(self, run: Callable[[Emit], Coroutine[Any, Any, None]]) -> None:
-        self.result: GenerationResult | None = None
-        self._events: asyncio.Queue[_Event] = asyncio.Queue()
+        super().__init__(asyncio.Queue())
         self._ended = False
         self.task = asyncio.create_task(run(self._emit))
         self.task.add_done_callback(self._on_done)
@@ -85,33 +86,15 @@ class OpenAIStream:
     def cancel(self) -> None:
         self.task.cancel()
 
-    async def __aiter__(self) -> AsyncIterator[str]:
-        try:
-            while True:
-                kind, payload = await self._events.get()
-                if kind == _TEXT:
-                    assert isinstance(payload, str)
-                    yield payload
-                elif kind == _DONE:
-                    assert isinstance(payload, GenerationResult)
-                    self.result = payload
-                    return
-                else:
-                    assert isinstance(payload, ServiceError)
-                    raise payload
-        finally:
-            if self.result is None:
-                self.task.cancel()
-
     def _emit(self, kind: str, payload: object) -> None:
         if not self._ended:
-            self._ended = kind != _TEXT
+            self._ended = kind != TEXT
             self._events.put_nowait((kind, payload))
 
     def _on_done(self, task: asyncio.Task[None]) -> None:
         # A task cancelled before it ever ran emitted nothing: the reader must not wait forever.
         if task.cancelled():
-            self._emit(_ERROR, GenerationCancelled())
+            self._emit(ERROR, GenerationCancelled())
 
 
 class OpenAIService:
@@ -206,21 +189,21 @@ class OpenAIService:
                     finally:
                         self._active -= 1
             metrics.TOKENS.inc(result.new_tokens)
-            emit(_DONE, result)
+            emit(DONE, result)
         except TimeoutError:
             outcome = "GenerationTimeout"
-            emit(_ERROR, GenerationTimeout(self._timeout_s))
+            emit(ERROR, GenerationTimeout(self._timeout_s))
         except ServiceError as exc:
             outcome = type(exc).__name__
-            emit(_ERROR, exc)
+            emit(ERROR, exc)
         except asyncio.CancelledError:
             outcome = "GenerationCancelled"
-            emit(_ERROR, GenerationCancelled())
+            emit(ERROR, GenerationCancelled())
             raise
         except Exception:  # a bug or an unforeseen answer: this request fails, the service goes on
             log.exception("the model backend request failed")
             outcome = "GenerationFailed"
-            emit(_ERROR, GenerationFailed())
+            emit(ERROR, GenerationFailed())
         finally:
             if waiting:
                 self._waiting -= 1
@@ -352,7 +335,7 @@ class _ChunkReader:
                     content = content.lstrip()
                 if content:
                     self.texts.append(content)
-                    self._emit(_TEXT, content)
+                    self._emit(TEXT, content)
             reason = choice.get("finish_reason")
             if isinstance(reason, str):
                 self.finish_reason = reason

@@ -95,8 +95,9 @@ class ChatService(Protocol):
     def stream(self, request: GenerationRequest) -> TextStream: ...
 
 
-_TEXT, _DONE, _ERROR = "text", "done", "error"
-_Event = tuple[str, object]
+# A stream's events, (kind, payload): TEXT a delta (str), DONE the GenerationResult, ERROR a ServiceError.
+TEXT, DONE, ERROR = "text", "done", "error"
+Event = tuple[str, object]
 _ReadyCallback = Callable[[BaseException | None], None]
 
 
@@ -106,12 +107,12 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     deadline: float
     submitted: float = field(default_factory=time.monotonic)
-    events: asyncio.Queue[_Event] = field(default_factory=asyncio.Queue)
+    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     first_text: bool = False
 
     def on_text(self, text: str) -> None:
-        self.emit(_TEXT, text)
+        self.emit(TEXT, text)
 
     def should_stop(self) -> bool:
         return self.cancelled.is_set() or self.timed_out()
@@ -121,7 +122,7 @@ class _Job:
 
     def emit(self, kind: str, payload: object) -> None:
         """Called on the inference thread; hands the event to the caller's loop."""
-        if kind == _TEXT and not self.first_text:
+        if kind == TEXT and not self.first_text:
             self.first_text = True
             metrics.FIRST_TEXT.observe(time.monotonic() - self.submitted)
         try:
@@ -130,27 +131,25 @@ class _Job:
             self.cancelled.set()
 
 
-class Stream:
-    """Async iterator of text deltas for one request; ``result`` is set once it is exhausted.
+class EventStream:
+    """A ``TextStream`` read from a queue of events (see ``Event``). Leaving the iteration early
+    (break, cancellation) calls ``cancel``, which each kind of stream implements."""
 
-    Leaving the iteration early (break, cancellation) cancels the generation at its next token.
-    """
-
-    def __init__(self, job: _Job) -> None:
-        self._job = job
+    def __init__(self, events: asyncio.Queue[Event]) -> None:
         self.result: GenerationResult | None = None
+        self._events = events
 
     def cancel(self) -> None:
-        self._job.cancelled.set()
+        raise NotImplementedError
 
     async def __aiter__(self) -> AsyncIterator[str]:
         try:
             while True:
-                kind, payload = await self._job.events.get()
-                if kind == _TEXT:
+                kind, payload = await self._events.get()
+                if kind == TEXT:
                     assert isinstance(payload, str)
                     yield payload
-                elif kind == _DONE:
+                elif kind == DONE:
                     assert isinstance(payload, GenerationResult)
                     self.result = payload
                     return
@@ -159,7 +158,18 @@ class Stream:
                     raise payload
         finally:
             if self.result is None:
-                self._job.cancelled.set()
+                self.cancel()
+
+
+class Stream(EventStream):
+    """Text deltas of one request to the inference thread; cancelling stops it at its next token."""
+
+    def __init__(self, job: _Job) -> None:
+        super().__init__(job.events)
+        self._job = job
+
+    def cancel(self) -> None:
+        self._job.cancelled.set()
 
 
 class ModelService:
@@ -200,7 +210,7 @@ class ModelService:
             except queue.Empty:
                 break
             if job is not None:
-                job.emit(_ERROR, ServiceClosed())
+                job.emit(ERROR, ServiceClosed())
         for job in list(self._active):
             job.cancelled.set()
         metrics.QUEUE_DEPTH.set(0)
@@ -397,10 +407,10 @@ class ModelService:
 
     def _end(self, job: _Job, outcome: GenerationResult | ServiceError) -> None:
         if isinstance(outcome, ServiceError):
-            job.emit(_ERROR, outcome)
+            job.emit(ERROR, outcome)
             metrics.GENERATIONS.labels(type(outcome).__name__).inc()
         else:
-            job.emit(_DONE, outcome)
+            job.emit(DONE, outcome)
             metrics.GENERATIONS.labels("ok").inc()
         metrics.LATENCY.observe(time.monotonic() - job.submitted)
 
