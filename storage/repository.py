@@ -100,10 +100,6 @@ class Storage:
         self._pending: set[asyncio.Future[Any]] = set()
         self.location = engine.url.render_as_string(hide_password=True)  # for logs: no password
 
-    @property
-    def instance_id(self) -> str:
-        return self.owner
-
     @classmethod
     async def open(
         cls,

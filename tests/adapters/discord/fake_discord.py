@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import itertools
 import json
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +23,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import WSMsgType, web
+
+from tests.adapters.injected_fault import Held, InjectedFault
 
 DISCORD_EPOCH_MS = 1420070400000
 APP_ID = 900000000000000001
@@ -80,29 +81,14 @@ Answer = tuple[int, dict[str, Any]]  # (status, JSON body)
 
 
 @dataclass
-class Fault:
-    """A fault for the REST calls ``when`` accepts (e.g. ``lambda call: call.method == "PATCH"``).
-
-    In order: wait ``delay_s``; if ``hold`` is given, wait until it is set (at most ``hold_s``) and
-    answer 503 without doing anything; else answer the next of ``answers`` (the call is not carried
-    out), or, with ``probability`` < 1, fail only that share of calls with a random one of
-    ``answers`` (kept). ``times`` limits how many matching calls it applies to; ``seen`` counts them."""
+class Fault(InjectedFault[Answer]):
+    """A fault (see ``InjectedFault``) for the REST calls ``when`` accepts (e.g.
+    ``lambda call: call.method == "PATCH"``)."""
 
     when: Callable[[Call], bool]
-    delay_s: float = 0.0
-    hold: asyncio.Event | None = None
-    hold_s: float = 60.0
-    answers: list[Answer] = field(default_factory=list)
-    probability: float = 1.0
-    times: int | None = None
-    rng: random.Random = field(default_factory=random.Random)
-    seen: int = 0
-    active: bool = True
 
     def applies(self, call: Call) -> bool:
-        if not self.active or (self.times is not None and self.seen >= self.times):
-            return False
-        return self.when(call)
+        return self.open() and self.when(call)
 
 
 def server_error(status: int = 500) -> Answer:
@@ -547,19 +533,9 @@ class FakeDiscord:
     async def _faulted(self, call: Call) -> web.StreamResponse:
         fault = next((f for f in self.faults if f.applies(call)), None)
         if fault is not None:
-            fault.seen += 1
-            await self._notify()
-            if fault.delay_s:
-                await asyncio.sleep(fault.delay_s)
-            if fault.hold is not None:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(fault.hold.wait(), fault.hold_s)
+            answer = await fault.strike(self._notify)
+            if isinstance(answer, Held):
                 return web.Response(status=503, text="held, then cut off")
-            answer: Answer | None = None
-            if fault.answers and fault.probability >= 1:
-                answer = fault.answers.pop(0)
-            elif fault.answers and fault.rng.random() < fault.probability:
-                answer = fault.rng.choice(fault.answers)
             if answer is not None:
                 status, body = answer
                 headers = {"Content-Type": "application/json"}

@@ -12,12 +12,10 @@ connect again: nothing is kept per connection but the current websocket.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import itertools
 import json
-import random
 import time
 import uuid
 from collections.abc import Callable
@@ -25,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import WSMsgType, web
+
+from tests.adapters.injected_fault import Held, InjectedFault
 
 BOT_TOKEN = "xoxb-test-token"
 APP_TOKEN = "xapp-test-token"
@@ -59,31 +59,15 @@ class Message:
 
 
 @dataclass
-class Fault:
-    """A fault for the calls of ``method`` whose params ``when`` accepts (all, without ``when``).
-
-    In order: wait ``delay_s``; if ``hold`` is given, wait until it is set (at most ``hold_s``) and
-    answer 503 without doing anything (what a connection cut mid-call looks like); else answer the
-    next of ``answers`` (the call is not carried out), or, with ``probability`` < 1, fail only
-    that share of calls with a random one of ``answers`` (kept). ``times`` limits how many matching
-    calls it applies to; ``seen`` counts them."""
+class Fault(InjectedFault[Answer]):
+    """A fault (see ``InjectedFault``) for the calls of ``method`` whose params ``when`` accepts
+    (all, without ``when``)."""
 
     method: str
     when: Callable[[dict[str, Any]], bool] | None = None
-    delay_s: float = 0.0
-    hold: asyncio.Event | None = None
-    hold_s: float = 60.0
-    answers: list[Answer] = field(default_factory=list)
-    probability: float = 1.0
-    times: int | None = None
-    rng: random.Random = field(default_factory=random.Random)
-    seen: int = 0
-    active: bool = True
 
     def applies(self, method: str, params: dict[str, Any]) -> bool:
-        if not self.active or method != self.method or (self.times is not None and self.seen >= self.times):
-            return False
-        return self.when is None or self.when(params)
+        return self.open() and method == self.method and (self.when is None or self.when(params))
 
 
 def server_error(status: int = 500) -> Answer:
@@ -261,19 +245,11 @@ class FakeSlack:
         if self.failures.get(method):
             return self.failures[method].pop(0)
         fault = next((f for f in self.faults if f.applies(method, params)), None)
-        if fault is not None:
-            fault.seen += 1
-            await self._notify()
-            if fault.delay_s:
-                await asyncio.sleep(fault.delay_s)
-            if fault.hold is not None:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(fault.hold.wait(), fault.hold_s)
-                return 503, "held, then cut off", {"Content-Type": "text/plain"}
-            if fault.answers and fault.probability >= 1:
-                return fault.answers.pop(0)
-            if fault.answers and fault.rng.random() < fault.probability:
-                return fault.rng.choice(fault.answers)
+        answer = await fault.strike(self._notify) if fault is not None else None
+        if isinstance(answer, Held):
+            return 503, "held, then cut off", {"Content-Type": "text/plain"}
+        if answer is not None:
+            return answer
         return 200, self._answer(method, params, token), {}
 
     def _answer(self, method: str, params: dict[str, Any], token: str | None) -> dict[str, Any]:
