@@ -219,16 +219,26 @@ async def test_start_resumes_every_unfinished_state_in_the_stored_message(tmp_pa
         assert (
             stack.generator.requests and len(stack.generator.requests) == 2
         )  # the answered one is not redone
-        states = [
-            await stack.storage.event_state("slack", m.event_id) for m in (received, generating, answered)
-        ]
+
+        async def states() -> list[EventStatus | None]:
+            found = [
+                await stack.storage.event_state("slack", m.event_id) for m in (received, generating, answered)
+            ]
+            return [state.status if state is not None else None for state in found]
+
+        # "delivered" is stored just after the reply's finish() returns: give it a moment, bounded.
+        for _ in range(100):
+            if await states() == [EventStatus.DELIVERED] * 3:
+                break
+            await asyncio.sleep(0.05)
+        delivered = await states()
     assert finals == {
         f"recovered {received.event_id}": ("finish", "Answer 1 to: not started"),
         f"recovered {generating.event_id}": ("finish", "Answer 1 to: half"),
         f"recovered {answered.event_id}": ("finish", "stored answer"),
     }
     assert adapter.handles.count({"reply": "partial"}) == 1
-    assert all(state is not None and state.status is EventStatus.DELIVERED for state in states)
+    assert delivered == [EventStatus.DELIVERED] * 3
 
 
 async def test_names_are_resolved_after_recording_and_cannot_reorder(tmp_path: Path) -> None:
