@@ -57,10 +57,10 @@ from tests.faults.harness import (  # noqa: E402
     SlackSocketTransport,
     Transport,
     base_env,
-    free_port,
     settled,
     wait_until,
 )
+from tests.support import free_port  # noqa: E402
 
 KEYS = (
     "questions",

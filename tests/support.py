@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -95,6 +96,13 @@ class BotStack:
     service: ModelService
     settings: Settings
     generator: ScriptedGenerator
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:

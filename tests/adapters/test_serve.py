@@ -13,8 +13,7 @@ from bot import app
 from bot.config import ConfigError
 from tests.adapters.discord.fake_discord import BOT_ID, FakeDiscord
 from tests.adapters.slack.fake_slack import APP_TOKEN, BOT_TOKEN, FakeSlack, event_body, mention
-from tests.support import ScriptedGenerator, make_settings
-from tests.unit.test_app import free_port
+from tests.support import ScriptedGenerator, free_port, make_settings
 
 
 async def test_serve_runs_slack_and_discord_together(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

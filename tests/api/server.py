@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -18,16 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from tests.model.fixture import REPO_ROOT, tiny_dir
+from tests.support import free_port
 
 HOOKS = Path(__file__).resolve().parent / "hooks"
 API_KEY = "test-api-key-5f1c"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def tiny_env(**extra: str) -> dict[str, str]:

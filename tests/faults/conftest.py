@@ -29,9 +29,9 @@ from tests.faults.harness import (
     SlackSocketTransport,
     Transport,
     base_env,
-    free_port,
 )
 from tests.storage.conftest import POSTGRES_URL, _scratch_database, postgres_admin_url
+from tests.support import free_port
 
 __all__ = ["postgres_admin_url"]  # the session fixture, shared with tests/storage
 

@@ -20,7 +20,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -62,13 +61,6 @@ DISCORD_PLACEHOLDER = "…"
 TRANSPORTS = ("slack_http", "slack_socket", "discord_mention", "discord_ask")
 _PLATFORM_PREFIXES = ("BOT_", "SLACK_", "DISCORD_", "FAULT_")
 _PROXIES = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def new_qid() -> str:

@@ -20,9 +20,9 @@ from tests.faults.harness import (
     base_env,
     check,
     failure,
-    free_port,
     wait_settled,
 )
+from tests.support import free_port
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 

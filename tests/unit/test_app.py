@@ -12,13 +12,7 @@ from bot.core import Bot
 from bot.events import ChannelRef, Core, IncomingMessage, PlatformUnreachable, message_to_dict
 from bot.service import ModelService
 from storage.repository import Storage
-from tests.support import RecordingReply, ScriptedGenerator, make_settings
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.support import RecordingReply, ScriptedGenerator, free_port, make_settings
 
 
 async def test_serve_exposes_health_and_metrics_and_shuts_down(

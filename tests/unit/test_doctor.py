@@ -10,8 +10,7 @@ from bot import doctor
 from tests.adapters.discord.fake_discord import FakeDiscord
 from tests.adapters.slack.fake_slack import APP_TOKEN, BOT_TOKEN, FakeSlack
 from tests.model.fixture import tiny_dir
-from tests.support import make_settings
-from tests.unit.test_app import free_port
+from tests.support import free_port, make_settings
 
 
 def _lines(settings: object) -> tuple[int, dict[str, str]]:

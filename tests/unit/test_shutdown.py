@@ -6,7 +6,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 from pathlib import Path
@@ -15,13 +14,7 @@ import aiohttp
 import pytest
 
 from bot import app
-from tests.support import ScriptedGenerator, make_settings
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.support import ScriptedGenerator, free_port, make_settings
 
 
 async def _until(predicate_url: str, status: str, within: float = 10.0) -> dict[str, object]:
@@ -51,7 +44,7 @@ async def test_sigterm_while_the_model_loads_stops_cleanly(
         return ScriptedGenerator()
 
     monkeypatch.setattr(app, "model_factory", lambda settings: slow_load)
-    port = _free_port()
+    port = free_port()
     run = asyncio.create_task(app.run(make_settings(tmp_path, http_port=port)))
     report = await _until(f"http://127.0.0.1:{port}/healthz", "starting")
     assert report["model"] == "loading"
@@ -67,7 +60,7 @@ async def test_health_names_the_replica_and_sigterm_ends_the_run(
 ) -> None:
     gen = ScriptedGenerator()
     monkeypatch.setattr(app, "model_factory", lambda settings: lambda: gen)
-    port = _free_port()
+    port = free_port()
     settings = make_settings(tmp_path, http_port=port, shutdown_grace_s=0.5, replica_id="replica-x")
     run = asyncio.create_task(app.run(settings))
     report = await _until(f"http://127.0.0.1:{port}/healthz", "ok")
