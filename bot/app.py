@@ -143,7 +143,6 @@ async def run(settings: Settings, *, console: Adapter | None = None) -> None:
         adapters = [console] if console is not None else platform_adapters(settings, http_app)
         if console is None:
             runner = await http.start_server(http_app, settings.http_host, settings.http_port)
-        if console is None:
             await _check_tokens(settings)
         if isinstance(service, ModelService):
             log.info("loading the model from %s", settings.model_path)

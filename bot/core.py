@@ -216,7 +216,7 @@ class Bot:
             # A redelivery of an answer a dead process had started: finish it where it is shown.
             reply = self._reply_for(message, event.reply_handle) or reply
         if self._draining:
-            await self._accept_only(event, reply)
+            await self._accept_only(_Work(event, message, reply, accept=False))
             return Outcome.DEFERRED
         self._start(_Work(event, message, reply, accept=True))
         return Outcome.ACCEPTED
@@ -515,15 +515,14 @@ class Bot:
 
     # -- helpers -------------------------------------------------------------------------------
 
-    async def _accept_only(self, event: StoredEvent, reply: ReplyHandle) -> None:
+    async def _accept_only(self, work: _Work) -> None:
         """While shutting down: acknowledge on the platform (a slash command's defer) and keep
         the handle, so the next start answers in the same place."""
-        work = _Work(event, message_from_dict(event.payload), reply, accept=False)
         try:
-            await reply.accept()
+            await work.reply.accept()
             await self._save_handle(work)
         except Exception:
-            log.exception("could not acknowledge %s event %s", event.platform, event.event_id)
+            log.exception("could not acknowledge %s event %s", work.event.platform, work.event.event_id)
 
     async def _resolved(self, message: IncomingMessage) -> IncomingMessage:
         adapter = self._adapters.get(message.channel.platform)
