@@ -106,17 +106,19 @@ async def test_unanswered_messages_are_answered_after_a_restart(fake: FakeDiscor
     start finishes both in the messages already shown (no second defer, no second message)."""
     channel, other = fake.add_channel(), fake.add_channel()
     settings = discord_settings(fake)
-    slow = ScriptedGenerator(lambda request: f"{request.query}: {WORDS} {WORDS}", token_delay=0.05)
+    slow = ScriptedGenerator(lambda request: f"{request.query}: {WORDS} {WORDS}", token_delay=0.2)
 
     async with bot_stack(tmp_path, slow, **settings) as first:
         adapter = DiscordAdapter(first.settings, guild_ready_timeout=0.05)
         await start_adapter(first.bot, adapter)
         try:
             interaction = await fake.slash_command("ask", channel, options={"prompt": "before the stop"})
-            mention = await fake.user_message(other, f"<@{BOT_ID}> also before", mentions=(BOT_ID,))
+            # The command's answer streams first: the one inference thread takes requests in turn, so
+            # the mention, sent only now, waits behind it (and neither can finish before the stop).
             await fake.wait_for(
                 lambda: interaction.token in fake.originals and fake.originals[interaction.token].edits
             )
+            mention = await fake.user_message(other, f"<@{BOT_ID}> also before", mentions=(BOT_ID,))
             await fake.wait_for(lambda: fake.replies_to(mention))  # its placeholder, queued behind
             await first.bot.drain(0)  # the deploy's grace is over
         finally:
