@@ -102,6 +102,12 @@ class ConsoleAdapter:
     async def start(self, core: Core) -> None:
         self._task = asyncio.create_task(self._chat(core))
 
+    def connection(self) -> str:
+        return "connected"
+
+    async def lost(self) -> None:
+        await asyncio.get_running_loop().create_future()  # a terminal has no connection to lose
+
     async def closed(self) -> None:
         """Returns when the user has ended the chat."""
         if self._task is not None:

@@ -108,6 +108,29 @@ class DiscordAdapter:
         self._endpoints.close()
         self._stopping = False
 
+    def connection(self) -> str:
+        client = self._client
+        if client is None or client.is_closed():
+            return "down"
+        if isinstance(client, discord.AutoShardedClient):
+            up = all(not shard.is_closed() for shard in client.shards.values())
+        else:
+            up = client.ws is not None and client.ws.open
+        # discord.py resumes a dropped gateway session by itself, with backoff.
+        return "connected" if up else "reconnecting"
+
+    async def lost(self) -> None:
+        gateway = self._gateway
+        if gateway is not None:
+            await asyncio.wait({gateway})  # not gateway itself: cancelling lost() must not stop it
+        if gateway is None or gateway.cancelled() or self._stopping:
+            await asyncio.get_running_loop().create_future()  # stopped here, not lost
+            return
+        error = gateway.exception()
+        raise _gateway_refusal(error) or PlatformUnreachable(
+            f"the Discord gateway connection ended{f': {error}' if error else ''}"
+        )
+
     def reply_for(self, message: IncomingMessage, handle: dict[str, Any] | None) -> ReplyHandle | None:
         """A reply for a message recovered from storage, or None if it can no longer be given. An
         interaction whose token has expired is answered by a channel message quoting it."""
@@ -244,11 +267,13 @@ class DiscordAdapter:
             return
         ready.cancel()
         error = gateway.exception() if gateway in done else None
-        if isinstance(error, discord.PrivilegedIntentsRequired):
-            raise ConfigError(
-                "Discord refused the message content intent: enable it for the bot in the developer "
-                "portal, or set BOT_DISCORD_MESSAGE_CONTENT=false"
-            )
+        refusal = _gateway_refusal(error)
+        if refusal is not None:
+            raise refusal
+        if isinstance(error, AttributeError) and error.__context__ is not None:
+            # discord.py's reconnect loop reads the sequence of a websocket that never opened:
+            # what failed is the connection it was handling.
+            error = error.__context__
         reason = f": {error}" if error else f" within {self._ready_timeout:g} s"
         raise PlatformUnreachable(
             f"cannot connect to the Discord gateway {DiscordWebSocket.DEFAULT_GATEWAY}{reason}"
@@ -287,6 +312,27 @@ def _message_ids(handle: dict[str, Any] | None) -> list[int]:
     if not isinstance(ids, list):
         return []
     return [int(value) if str(value).isdigit() else ORIGINAL for value in ids]
+
+
+# Gateway close codes that no reconnect can mend (Discord's "Gateway Close Event Codes").
+_REFUSED: Final = {
+    4004: "Discord rejected DISCORD_BOT_TOKEN; copy the bot token again",
+    4010: "Discord refused the shard: check BOT_DISCORD_SHARDS",
+    4011: "Discord requires sharding for this bot: set BOT_DISCORD_SHARDS",
+    4013: "Discord refused the gateway intents",
+}
+
+
+def _gateway_refusal(error: BaseException | None) -> ConfigError | None:
+    """The settings' fault, as one line, when the gateway ended because Discord refused them."""
+    if isinstance(error, discord.PrivilegedIntentsRequired):
+        return ConfigError(
+            "Discord refused the message content intent: enable it for the bot in the developer "
+            "portal, or set BOT_DISCORD_MESSAGE_CONTENT=false"
+        )
+    if isinstance(error, discord.ConnectionClosed) and error.code in _REFUSED:
+        return ConfigError(f"{_REFUSED[error.code]} (gateway close code {error.code})")
+    return None
 
 
 def _log_gateway_end(task: asyncio.Task[None]) -> None:

@@ -143,6 +143,16 @@ class SlackAdapter:
         self._core = core
         log.info("Slack adapter running (%s) as %s", self.mode, self._bot_user_id)
 
+    def connection(self) -> str:
+        if self._socket is None:
+            return "connected"  # HTTP events: Slack calls in, there is nothing to keep open
+        session = getattr(self._socket.client, "current_session", None)
+        return "connected" if session is not None and not session.closed else "reconnecting"
+
+    async def lost(self) -> None:
+        # slack_sdk's Socket Mode client reconnects by itself, with no end: "reconnecting" says so.
+        await asyncio.get_running_loop().create_future()
+
     @property
     def mode(self) -> str:
         return "socket mode" if self._socket_mode else f"HTTP {EVENTS_PATH}"

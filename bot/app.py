@@ -7,7 +7,7 @@ import contextlib
 import logging
 import signal
 import socket
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Coroutine, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -154,8 +154,9 @@ async def run(settings: Settings, *, console: Adapter | None = None) -> None:
             _export_model_metrics(settings, service.generator)
         bot = Bot(settings, storage, service)
         supervisor = _Supervisor(bot)
-        for adapter in adapters:
-            await supervisor.start(adapter)
+        if not await stopping.unless_stopped(_start_adapters(supervisor, adapters)):
+            log.info("stopped while the platforms were connecting")
+            return
         await bot.start()
         await _wait_until_stopped(settings, storage, console, supervisor.fatal, stopping)
     finally:
@@ -165,6 +166,18 @@ async def run(settings: Settings, *, console: Adapter | None = None) -> None:
         if supervisor is not None:
             await supervisor.close()
         await _shutdown(adapters, runner, service, storage)
+
+
+async def _start_adapters(supervisor: _Supervisor, adapters: Sequence[Adapter]) -> None:
+    """All at once: one platform's connect timeout (a minute for Discord's gateway) must not hold
+    the others back. The first rejected credentials stop the rest."""
+    tasks = [asyncio.create_task(supervisor.start(adapter)) for adapter in adapters]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def replica_id(settings: Settings, console: Adapter | None) -> str:
@@ -245,40 +258,76 @@ def _export_model_metrics(settings: Settings, generator: Generator) -> None:
 
 
 class _Supervisor:
-    """Starts adapters; one that cannot be reached is retried in the background with capped
-    exponential backoff while the others run. Rejected credentials (ConfigError) stop the bot."""
+    """Starts adapters and keeps them running: one that cannot be reached, or whose connection
+    ends for good later, is (re)started in the background with capped exponential backoff while
+    the others run. Rejected credentials (ConfigError), at any time, stop the bot."""
 
     def __init__(self, bot: Bot) -> None:
-        self.states: dict[str, str] = {}  # platform -> "connecting" | "connected" | "down"
         self.fatal: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._bot = bot
-        self._retries: set[asyncio.Task[None]] = set()
+        self._adapters: dict[str, Adapter] = {}
+        self._states: dict[str, str] = {}  # platform -> "connecting" | "connected" | "down"
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def states(self) -> dict[str, str]:
+        """Each platform's state; a connected one says whether its client is reconnecting."""
+        return {
+            platform: self._adapters[platform].connection() if state == "connected" else state
+            for platform, state in self._states.items()
+        }
 
     async def start(self, adapter: Adapter) -> bool:
         """Whether ``adapter`` is running now; if it is unreachable, a retry is scheduled. A
         running adapter is attached to the core, which then resumes its platform's events."""
+        self._adapters[adapter.platform] = adapter
         if await self._attempt(adapter):
             return True
-        task = asyncio.create_task(self._retry(adapter), name=f"retry-{adapter.platform}")
-        self._retries.add(task)
-        task.add_done_callback(self._retries.discard)
+        self._spawn(self._retry(adapter), f"retry-{adapter.platform}")
         return False
 
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(work, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def _attempt(self, adapter: Adapter) -> bool:
-        self.states[adapter.platform] = "connecting"
+        self._states[adapter.platform] = "connecting"
         try:
             await adapter.start(self._bot)
         except UNREACHABLE as exc:
-            self.states[adapter.platform] = "down"
+            self._states[adapter.platform] = "down"
             log.warning("%s is unreachable, retrying in the background: %s", adapter.platform, exc)
             return False
         except BaseException:
-            self.states[adapter.platform] = "down"
+            self._states[adapter.platform] = "down"
             raise
-        self.states[adapter.platform] = "connected"
+        self._states[adapter.platform] = "connected"
         self._bot.attach(adapter)
+        self._spawn(self._watch(adapter), f"watch-{adapter.platform}")
         log.info("%s adapter started", adapter.platform)
         return True
+
+    async def _watch(self, adapter: Adapter) -> None:
+        """When the connection ends for good: stop the bot if the platform refused the settings,
+        else restart the adapter."""
+        try:
+            await adapter.lost()
+        except ConfigError as exc:
+            self._states[adapter.platform] = "down"
+            self._end(exc)
+            return
+        except Exception as exc:
+            reason = str(exc) or type(exc).__name__
+        else:
+            reason = "the connection ended"
+        self._states[adapter.platform] = "down"
+        log.warning("%s connection lost (%s): restarting the adapter", adapter.platform, reason)
+        try:
+            await adapter.stop()
+        except Exception:
+            log.exception("stopping the %s adapter failed", adapter.platform)
+        await self._retry(adapter)
 
     async def _retry(self, adapter: Adapter) -> None:
         delay = RETRY_FIRST_S
@@ -291,13 +340,16 @@ class _Supervisor:
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # rejected credentials, or a bug: end the bot as at start-up
-            if not self.fatal.done():
-                self.fatal.set_exception(exc)
+            self._end(exc)
+
+    def _end(self, exc: BaseException) -> None:
+        if not self.fatal.done():
+            self.fatal.set_exception(exc)
 
     async def close(self) -> None:
-        for task in list(self._retries):
+        for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(*self._retries, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 async def _health(

@@ -80,6 +80,7 @@ class _Work:
     saved_handle: dict[str, Any] | None = None
     final: tuple[str, FinalKind] | None = None
     next_write_at: float = 0.0  # on the core's clock: the final text, too, keeps the edit spacing
+    connection: int = 0  # which attach() of its platform's adapter the reply was made by
 
 
 class _ChannelLocks:
@@ -181,6 +182,7 @@ class Bot:
         self._storage = storage
         self._service = service
         self._adapters: dict[str, Adapter] = {}
+        self._connections: dict[str, int] = {}  # platform -> how many times an adapter was attached
         self._record_locks = _ChannelLocks()
         self._work: dict[int, _Work] = {}  # event row id -> its work
         self._by_key: dict[tuple[str, str], int] = {}  # (platform, event_id) -> event row id
@@ -197,8 +199,11 @@ class Bot:
         return not self._draining
 
     def attach(self, adapter: Adapter) -> None:
-        """Make ``adapter`` the one that answers (and resumes) its platform's events."""
+        """Make ``adapter`` the one that answers (and resumes) its platform's events. Attached
+        again after a reconnect, replies made on the old connection are rebuilt from their stored
+        handles before their delivery is retried."""
         self._adapters[adapter.platform] = adapter
+        self._connections[adapter.platform] = self._connections.get(adapter.platform, 0) + 1
 
     async def submit(self, message: IncomingMessage, reply: ReplyHandle) -> Outcome:
         """Record ``message`` (before any other await) and answer it in the background."""
@@ -311,6 +316,7 @@ class Bot:
     # -- one event's work ----------------------------------------------------------------------
 
     def _start(self, work: _Work) -> None:
+        work.connection = self._connections.get(work.event.platform, 0)
         self._work[work.event.id] = work
         self._by_key[(work.event.platform, work.event.event_id)] = work.event.id
         work.task = asyncio.create_task(self._run(work), name=f"answer-{work.event.platform}-{work.event.id}")
@@ -508,6 +514,7 @@ class Bot:
                     error.reason,
                 )
                 await asyncio.sleep(delay)
+                self._refresh_reply(work)
                 continue
             await self._save_handle(work)
             await self._storage.set_status(work.event, EventStatus.DELIVERED)
@@ -540,6 +547,15 @@ class Bot:
     def _reply_for(self, message: IncomingMessage, handle: dict[str, Any] | None) -> ReplyHandle | None:
         adapter = self._adapters.get(message.channel.platform)
         return adapter.reply_for(message, handle) if adapter is not None else None
+
+    def _refresh_reply(self, work: _Work) -> None:
+        """The adapter reconnected since ``work``'s reply was made (its old connection is closed):
+        continue in the same messages through the new one."""
+        connection = self._connections.get(work.event.platform, 0)
+        if work.connection == connection:
+            return
+        work.connection = connection
+        work.reply = self._reply_for(work.message, work.saved_handle) or work.reply
 
     async def _save_handle(self, work: _Work) -> None:
         handle = work.reply.handle

@@ -171,6 +171,17 @@ class Adapter(Protocol):
 
     async def stop(self) -> None: ...
 
+    def connection(self) -> str:
+        """Once started: "connected", or "reconnecting" while the platform's own client
+        re-establishes a dropped connection (``/healthz`` reports it)."""
+        ...
+
+    async def lost(self) -> None:
+        """Once started, return when the connection has ended for good (the platform's client
+        gave up reconnecting), raising why: a ConfigError when the platform refused the settings
+        (the bot stops), anything else has the adapter restarted."""
+        ...
+
     async def resolve(self, message: IncomingMessage) -> IncomingMessage:
         """``message`` with the names it mentions looked up: called after it is recorded, so no
         look-up can delay or reorder the recording."""

@@ -31,9 +31,27 @@ class RedactSecrets(logging.Filter):
         return True
 
 
+# What the platform clients log, with a traceback, at every attempt of a reconnect they retry by
+# themselves (discord.py's gateway and shards, slack_sdk's Socket Mode): an outage, not a bug.
+RETRY_MESSAGES = ("Attempting a reconnect", "Failed to connect for shard_id", "Failed to connect (error:")
+
+
+class OneLineRetries(logging.Filter):
+    """A platform client's retried reconnect is one WARNING line naming the error, not a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and str(record.msg).startswith(RETRY_MESSAGES):
+            error = record.exc_info[1]
+            record.msg = f"{record.getMessage()} ({type(error).__name__}: {error})"
+            record.args, record.exc_info, record.exc_text = None, None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 def configure(level: str, secrets: Iterable[str] = ()) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(OneLineRetries())
     handler.addFilter(RedactSecrets(secrets))
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -165,6 +165,16 @@ async def bot_stack(
         await storage.close()
 
 
+class SteadyConnection:
+    """For adapter doubles: a connection that never drops."""
+
+    def connection(self) -> str:
+        return "connected"
+
+    async def lost(self) -> None:
+        await asyncio.get_running_loop().create_future()
+
+
 async def start_adapter(bot: Bot, adapter: Adapter) -> None:
     """Start ``adapter`` in front of ``bot`` and attach it, as the app's supervisor does."""
     await adapter.start(bot)

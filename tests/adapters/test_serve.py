@@ -84,11 +84,12 @@ async def test_an_unreachable_slack_leaves_discord_and_health_running(
         for _ in range(300):  # the HTTP server starts first, then the adapters
             with contextlib.suppress(aiohttp.ClientConnectionError):
                 adapters = (await _health(port))["adapters"]
-                if isinstance(adapters, dict) and adapters.get("discord") == "connected":
+                # The adapters start together: Discord need not wait for Slack's attempt to fail.
+                if isinstance(adapters, dict) and adapters == {"slack": "down", "discord": "connected"}:
                     break
             await asyncio.sleep(0.1)
         else:
-            pytest.fail("Discord never connected")
+            pytest.fail("Discord never connected, or Slack was never tried")
         question = await discord.user_message(channel, f"<@{BOT_ID}> still here?", mentions=(BOT_ID,))
         await discord.wait_for(
             lambda: [r.content for r in discord.replies_to(question)] == ["Answer 1 to: still here?"]
@@ -101,7 +102,7 @@ async def test_an_unreachable_slack_leaves_discord_and_health_running(
         await discord.close()
     assert health["adapters"] in (
         {"slack": "down", "discord": "connected"},
-        {"slack": "connecting", "discord": "connected"},
+        {"slack": "connecting", "discord": "connected"},  # its retry is under way
     )
     assert {"status", "queue_depth", "in_flight"} <= set(health)
     assert health["status"] == "degraded"  # served with a 503: one platform is not answering
@@ -134,3 +135,83 @@ async def test_a_rejected_slack_token_still_stops_start_up(
         await slack.close()
     assert loads == []  # checked before the model load, which takes minutes for a real checkpoint
     assert "xoxb-wrong" not in str(error.value)
+
+
+async def _discord_state(port: int) -> object:
+    with contextlib.suppress(aiohttp.ClientConnectionError):
+        adapters = (await _health(port))["adapters"]
+        return adapters.get("discord") if isinstance(adapters, dict) else None
+    return None
+
+
+async def _until_discord(port: int, state: str, within: float = 30.0) -> None:
+    for _ in range(int(within / 0.1)):
+        if await _discord_state(port) == state:
+            return
+        await asyncio.sleep(0.1)
+    pytest.fail(f"discord never became {state!r} (last: {await _discord_state(port)!r})")
+
+
+async def test_a_dropped_discord_gateway_is_reported_until_it_is_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    generator = ScriptedGenerator()
+    monkeypatch.setattr(app, "model_factory", lambda settings: lambda: generator)
+    discord = FakeDiscord()
+    await discord.start()
+    port = free_port()
+    settings = make_settings(
+        tmp_path,
+        http_port=port,
+        discord_bot_token=discord.token,
+        discord_api_url=discord.api_url,
+        discord_gateway_url=discord.gateway_url,
+    )
+    serving = asyncio.create_task(app.run(settings))
+    try:
+        await _until_discord(port, "connected")
+        discord.gateway_down = True
+        await discord.close_gateway(4000)  # "unknown error": discord.py reconnects by itself
+        await _until_discord(port, "reconnecting")
+        assert (await _health(port))["status"] == "degraded"
+        discord.gateway_down = False
+        await _until_discord(port, "connected")
+        channel = discord.add_channel()
+        question = await discord.user_message(channel, f"<@{BOT_ID}> back?", mentions=(BOT_ID,))
+        await discord.wait_for(
+            lambda: [r.content for r in discord.replies_to(question)] == ["Answer 1 to: back?"]
+        )
+        assert serving.done() is False
+    finally:
+        serving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await serving
+        await discord.close()
+
+
+async def test_a_token_discord_revokes_while_running_stops_the_bot_with_one_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(app, "model_factory", lambda settings: ScriptedGenerator)
+    discord = FakeDiscord()
+    await discord.start()
+    port = free_port()
+    settings = make_settings(
+        tmp_path,
+        http_port=port,
+        discord_bot_token=discord.token,
+        discord_api_url=discord.api_url,
+        discord_gateway_url=discord.gateway_url,
+    )
+    serving = asyncio.create_task(app.run(settings))
+    try:
+        await _until_discord(port, "connected")
+        await discord.close_gateway(4004)  # "authentication failed": the token was reset
+        with pytest.raises(ConfigError, match=r"Discord rejected DISCORD_BOT_TOKEN.*4004") as error:
+            await asyncio.wait_for(serving, 30)
+    finally:
+        serving.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConfigError):
+            await serving
+        await discord.close()
+    assert discord.token not in str(error.value)

@@ -135,12 +135,9 @@ class BotProcess:
 
     async def start(self, timeout_s: float = READY_TIMEOUT_S) -> float:
         """Start the bot and wait until /healthz says ok; returns the seconds that took."""
-        assert not self.running, "the bot is already running"
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.starts += 1
         started = time.monotonic()
-        self.proc = self._spawn()
-        self.expected_exit = False
+        self.launch()
+        assert self.proc is not None
         health: dict[str, Any] | None = None
         deadline = started + timeout_s
         async with aiohttp.ClientSession() as http:
@@ -157,6 +154,14 @@ class BotProcess:
         raise AssertionError(
             f"the bot was not ready within {timeout_s} s (last /healthz: {health})" + self.log_tail()
         )
+
+    def launch(self) -> None:
+        """Start the bot without waiting for it to be ready."""
+        assert not self.running, "the bot is already running"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.starts += 1
+        self.proc = self._spawn()
+        self.expected_exit = False
 
     def _spawn(self) -> subprocess.Popen[bytes]:
         with self.log_path.open("ab") as log:

@@ -12,7 +12,7 @@ from bot.core import Bot
 from bot.events import ChannelRef, Core, IncomingMessage, PlatformUnreachable, message_to_dict
 from bot.service import ModelService
 from storage.repository import Storage
-from tests.support import RecordingReply, ScriptedGenerator, free_port, make_settings
+from tests.support import RecordingReply, ScriptedGenerator, SteadyConnection, free_port, make_settings
 
 
 async def test_serve_exposes_health_and_metrics_and_shuts_down(
@@ -67,7 +67,7 @@ async def test_console_run_recovers_and_ends_with_the_chat(
     seen: list[IncomingMessage] = []
     recovered: list[tuple[IncomingMessage, dict[str, Any] | None, RecordingReply]] = []
 
-    class Console:
+    class Console(SteadyConnection):
         platform = "console"
 
         async def start(self, core: Core) -> None:
@@ -193,7 +193,7 @@ async def test_max_new_tokens_beyond_the_models_own_context_stops_start_up(
         await asyncio.wait_for(app.run(settings), 10)
 
 
-class Flaky:
+class Flaky(SteadyConnection):
     """An adapter whose first ``failures`` starts fail with ``errors`` in turn."""
 
     platform = "flaky"
@@ -247,12 +247,87 @@ async def test_credentials_rejected_on_a_retry_stop_the_bot(
         await asyncio.wait_for(app.run(make_settings(tmp_path, http_port=free_port())), 10)
 
 
+class Dropping(Flaky):
+    """An adapter whose connection ends for good, with ``losses`` in turn, after each start."""
+
+    platform = "dropping"
+
+    def __init__(self, *losses: BaseException) -> None:
+        super().__init__()
+        self.losses = list(losses)
+        self.stops = 0
+        self.state = "connected"
+
+    async def stop(self) -> None:
+        self.stops += 1
+
+    def connection(self) -> str:
+        return self.state
+
+    async def lost(self) -> None:
+        if self.losses:
+            await asyncio.sleep(0.01)
+            raise self.losses.pop(0)
+        await super().lost()
+
+
+async def test_an_adapter_whose_connection_ends_is_stopped_and_started_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(app, "model_factory", lambda settings: ScriptedGenerator)
+    monkeypatch.setattr(app, "RETRY_FIRST_S", 0.01)
+    dropping = Dropping(PlatformUnreachable("gateway gone"), RuntimeError("a bug in the client"))
+    monkeypatch.setattr(app, "platform_adapters", lambda settings, http_app: [dropping])
+    serving = asyncio.create_task(app.run(make_settings(tmp_path, http_port=free_port())))
+    try:
+        for _ in range(500):
+            if dropping.starts == 3 and not dropping.losses:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # it stays up now
+    finally:
+        serving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await serving
+    assert (dropping.starts, dropping.stops) == (3, 2 + 1)  # each loss, then the shutdown
+
+
+async def test_a_connection_the_platform_ends_for_bad_settings_stops_the_bot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(app, "model_factory", lambda settings: ScriptedGenerator)
+    dropping = Dropping(ConfigError("Discord rejected DISCORD_BOT_TOKEN"))
+    monkeypatch.setattr(app, "platform_adapters", lambda settings, http_app: [dropping])
+    with pytest.raises(ConfigError, match="rejected DISCORD_BOT_TOKEN"):
+        await asyncio.wait_for(app.run(make_settings(tmp_path, http_port=free_port())), 10)
+    assert dropping.starts == 1
+
+
+async def test_health_reports_an_adapter_that_is_reconnecting(tmp_path: Path) -> None:
+    storage = await Storage.open(f"sqlite:///{tmp_path / 'bot.db'}")
+    service = ModelService(lambda: ScriptedGenerator())
+    bot = Bot(make_settings(tmp_path), storage, service)
+    supervisor = app._Supervisor(bot)
+    dropping = Dropping()
+    assert await supervisor.start(dropping)
+    try:
+        assert (await app._health(service, storage, bot, supervisor))["status"] == "ok"
+        dropping.state = "reconnecting"
+        health = await app._health(service, storage, bot, supervisor)
+    finally:
+        await supervisor.close()
+        await service.close()
+        await storage.close()
+    assert health["status"] == "degraded"
+    assert health["adapters"] == {"dropping": "reconnecting"}
+
+
 async def test_health_is_degraded_when_the_database_does_not_answer(tmp_path: Path) -> None:
     storage = await Storage.open(f"sqlite:///{tmp_path / 'bot.db'}")
     service = ModelService(lambda: ScriptedGenerator())
     bot = Bot(make_settings(tmp_path), storage, service)
     supervisor = app._Supervisor(bot)
-    supervisor.states["discord"] = "connected"
+    assert await supervisor.start(Flaky())
     try:
         assert await storage.ping()
         assert (await app._health(service, storage, bot, supervisor))["status"] == "ok"

@@ -25,7 +25,7 @@ from bot.events import (
 from bot.generation import GenerationRequest
 from bot.sanitize import clean_user_text
 from storage.repository import Claim, ClaimResult, EventStatus, FinalKind, StoredEvent
-from tests.support import RecordingReply, ScriptedGenerator, bot_stack, default_reply
+from tests.support import RecordingReply, ScriptedGenerator, SteadyConnection, bot_stack, default_reply
 
 CHANNEL = ChannelRef("slack", "C1", "1700000000.000100")
 _ids = itertools.count()
@@ -154,7 +154,7 @@ async def _crashed_with(tmp_path: Path, message: IncomingMessage, **state: Any) 
             await stack.storage.save_final(claim.event, state["final"], FinalKind.TEXT)
 
 
-class FakeAdapter:
+class FakeAdapter(SteadyConnection):
     """An adapter as the core sees it: rebuilds replies from stored handles, resolves names."""
 
     platform = "slack"
@@ -329,6 +329,30 @@ async def test_a_transiently_refused_final_text_is_retried_until_delivered(
     assert [kind for kind, _ in reply.calls] == ["begin", "refused", "refused", "finish"]
     assert reply.final == ("finish", "Answer 1 to: hello")
     assert state is not None and (state.status, state.attempts) == (EventStatus.DELIVERED, 2)
+
+
+async def test_a_delivery_retried_after_the_adapter_reconnected_goes_through_the_new_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(core, "DELIVERY_FIRST_RETRY_S", 0.05)
+    adapter = FakeAdapter()
+    async with bot_stack(tmp_path) as stack:
+        stack.bot.attach(adapter)
+        message = msg("hello")
+        # The old connection's reply can never finish (its client is closed).
+        old = FlakyFinish([DeliveryError("session closed", transient=True) for _ in range(20)])
+        handling = asyncio.create_task(stack.bot.handle(message, old))
+        for _ in range(200):
+            if ("refused", "Answer 1 to: hello") in old.calls:
+                break
+            await asyncio.sleep(0.01)
+        stack.bot.attach(adapter)  # the supervisor restarted it: a new connection
+        assert await asyncio.wait_for(handling, 10) is Outcome.ANSWERED
+        state = await stack.storage.event_state("slack", message.event_id)
+    assert adapter.handles == [{"reply": "reply"}]  # rebuilt from the handle the old one stored
+    [new] = adapter.replies
+    assert new.final == ("finish", "Answer 1 to: hello")
+    assert old.final is None and state is not None and state.status is EventStatus.DELIVERED
 
 
 async def test_a_permanently_refused_final_text_gets_one_honest_note(tmp_path: Path) -> None:

@@ -143,6 +143,7 @@ class FakeDiscord:
         self.token = token
         self.heartbeat_interval_ms = 45_000
         self.message_content_allowed = True  # False: refuse the privileged intent like Discord (4014)
+        self.gateway_down = False  # True: the gateway refuses connections (HTTP 503), an outage
         self.calls: list[Call] = []
         self.posted: dict[int, Posted] = {}
         self.originals: dict[str, Posted] = {}  # interaction token -> its response
@@ -268,6 +269,11 @@ class FakeDiscord:
             # A frame lost to a closing socket is replayed when the client resumes.
             with contextlib.suppress(ConnectionResetError):
                 await self._ws.send_str(json.dumps(frame))
+
+    async def close_gateway(self, code: int) -> None:
+        """Close the client's gateway connection with a close code, as Discord does."""
+        assert self._ws is not None
+        await self._ws.close(code=code, message=b"closed by the test")
 
     async def request_reconnect(self) -> None:
         """Gateway opcode 7: the client must reconnect and resume."""
@@ -420,7 +426,9 @@ class FakeDiscord:
         return "\n".join([original.content, *(p.content for p in self.followups(token))])
 
     # -- gateway ---------------------------------------------------------------------------
-    async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
+    async def _gateway(self, request: web.Request) -> web.StreamResponse:
+        if self.gateway_down:
+            return web.Response(status=503, text="gateway unavailable")
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         self._ws = ws

@@ -93,6 +93,7 @@ class FakeSlack:
         self.updates_in_flight: dict[tuple[str, str], int] = {}
         self.max_updates_in_flight: dict[tuple[str, str], int] = {}
         self.connections = 0  # Socket Mode websockets opened so far
+        self.socket_url: str | None = None  # what apps.connections.open gives instead of /socket
         self.socket: web.WebSocketResponse | None = None
         self._ts = itertools.count(1)
         self._changed = asyncio.Condition()
@@ -256,7 +257,7 @@ class FakeSlack:
         if method == "apps.connections.open":
             if token != APP_TOKEN:
                 return {"ok": False, "error": "invalid_auth"}
-            return {"ok": True, "url": self.base_url.replace("http", "ws", 1) + "/socket"}
+            return {"ok": True, "url": self.socket_url or self.base_url.replace("http", "ws", 1) + "/socket"}
         if token != BOT_TOKEN:
             return {"ok": False, "error": "invalid_auth"}
         if method == "auth.test":
