@@ -36,6 +36,7 @@ from slack_sdk.signature import SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
 
 from adapters.slack_events import (
+    EVENTS_PATH,
     PLATFORM,
     command_message,
     deleted_message,
@@ -60,7 +61,6 @@ from bot.events import Command, Core, IncomingMessage, PlatformUnreachable, Repl
 
 log = logging.getLogger(__name__)
 
-EVENTS_PATH = "/slack/events"
 SLASH_COMMAND = "/chatglm"
 CONNECT_TIMEOUT_S = 30.0
 STOP_GRACE_S = 2.0

@@ -17,6 +17,7 @@ from typing import Any, TypedDict
 from bot.events import ChannelRef, Command, IncomingMessage
 
 PLATFORM = "slack"
+EVENTS_PATH = "/slack/events"  # the HTTP mode's Request URL path (events and the slash command)
 # Subtypes that still carry a user's new text; every other subtype (edits, deletions, joins,
 # bot messages, ...) is not a message to answer.
 _USER_TEXT_SUBTYPES = frozenset({"file_share", "thread_broadcast"})

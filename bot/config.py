@@ -116,6 +116,9 @@ class Settings(BaseSettings):
     slack_app_token: SecretStr | None = _alias("SLACK_APP_TOKEN")
     slack_api_url: str = Field(DEFAULT_SLACK_API_URL, validation_alias=AliasChoices("SLACK_API_URL"))
     slack_thread_followups: bool = True
+    # Only `chatglm-bot doctor` reads these two: it compares the app's live manifest with the shipped one.
+    slack_app_config_token: SecretStr | None = _alias("SLACK_APP_CONFIG_TOKEN")
+    slack_app_id: str = Field("", validation_alias=AliasChoices("SLACK_APP_ID"))
 
     # Discord (standard names)
     discord_bot_token: SecretStr | None = _alias("DISCORD_BOT_TOKEN")
@@ -214,6 +217,7 @@ def secret_values(settings: Settings) -> list[str]:
         settings.slack_bot_token,
         settings.slack_signing_secret,
         settings.slack_app_token,
+        settings.slack_app_config_token,
         settings.discord_bot_token,
         settings.api_key,
         settings.openai_api_key,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from bot import cli
-from bot.config import ConfigError, Settings, unknown_setting_warnings
+from bot.config import ConfigError, Settings, env_names, secret_values, unknown_setting_warnings
 
 
 def test_choices_are_case_insensitive(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -60,3 +60,16 @@ def test_load_settings_prints_the_warning(
 
 def test_the_kernel_build_wait_is_a_known_variable() -> None:
     assert unknown_setting_warnings({"BOT_KERNEL_BUILD_WAIT_S": "60"}, None) == []
+
+
+def test_the_slack_app_configuration_settings_are_read_and_kept_secret(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SLACK_APP_CONFIG_TOKEN", "xoxe.xoxp-config-secret")
+    monkeypatch.setenv("SLACK_APP_ID", "A0123")
+    settings = Settings(_env_file=None)
+    assert settings.slack_app_id == "A0123"
+    assert settings.slack_app_config_token is not None
+    assert "xoxe.xoxp-config-secret" not in repr(settings)
+    assert "xoxe.xoxp-config-secret" in secret_values(settings)  # redacted from every log line
+    assert {"SLACK_APP_CONFIG_TOKEN", "SLACK_APP_ID"} <= env_names()

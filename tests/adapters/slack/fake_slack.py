@@ -20,14 +20,18 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any
 
+import yaml
 from aiohttp import WSMsgType, web
 
 from tests.adapters.injected_fault import Held, InjectedFault
 
 BOT_TOKEN = "xoxb-test-token"
 APP_TOKEN = "xapp-test-token"
+CONFIG_TOKEN = "xoxe.xoxp-test-config-token"  # an app configuration token (apps.manifest.*)
+APP_ID = "A1"
 SIGNING_SECRET = "test-signing-secret"
 BOT_USER_ID = "UBOT"
 TEAM_ID = "T1"
@@ -94,6 +98,11 @@ class FakeSlack:
         self.max_updates_in_flight: dict[tuple[str, str], int] = {}
         self.connections = 0  # Socket Mode websockets opened so far
         self.socket_url: str | None = None  # what apps.connections.open gives instead of /socket
+        # What auth.test's x-oauth-scopes header lists (None: no header), and the app's live manifest
+        # (apps.manifest.export); both start as adapters/slack_manifest.yaml has them.
+        shipped = resources.files("adapters").joinpath("slack_manifest.yaml").read_text()
+        self.manifest: dict[str, Any] = yaml.safe_load(shipped)
+        self.scopes: list[str] | None = list(self.manifest["oauth_config"]["scopes"]["bot"])
         self.socket: web.WebSocketResponse | None = None
         self._ts = itertools.count(1)
         self._changed = asyncio.Condition()
@@ -251,13 +260,22 @@ class FakeSlack:
             return 503, "held, then cut off", {"Content-Type": "text/plain"}
         if answer is not None:
             return answer
-        return 200, self._answer(method, params, token), {}
+        headers: dict[str, str] = {}
+        if method == "auth.test" and token == BOT_TOKEN and self.scopes is not None:
+            headers["x-oauth-scopes"] = ",".join(self.scopes)
+        return 200, self._answer(method, params, token), headers
 
     def _answer(self, method: str, params: dict[str, Any], token: str | None) -> dict[str, Any]:
         if method == "apps.connections.open":
             if token != APP_TOKEN:
                 return {"ok": False, "error": "invalid_auth"}
             return {"ok": True, "url": self.socket_url or self.base_url.replace("http", "ws", 1) + "/socket"}
+        if method == "apps.manifest.export":
+            if token != CONFIG_TOKEN:
+                return {"ok": False, "error": "invalid_auth"}
+            if params.get("app_id") != APP_ID:
+                return {"ok": False, "error": "invalid_app_id"}
+            return {"ok": True, "manifest": self.manifest}
         if token != BOT_TOKEN:
             return {"ok": False, "error": "invalid_auth"}
         if method == "auth.test":
@@ -336,7 +354,7 @@ def event_body(event: dict[str, Any], event_id: str | None = None) -> dict[str, 
     return {
         "token": "legacy-verification-token",
         "team_id": TEAM_ID,
-        "api_app_id": "A1",
+        "api_app_id": APP_ID,
         "event": event,
         "type": "event_callback",
         "event_id": event_id or f"Ev{next(_event_ids):08d}",

@@ -13,7 +13,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from adapters.slack_adapter import EVENTS_PATH, SlackAdapter
+from adapters.slack_adapter import SlackAdapter
+from adapters.slack_events import EVENTS_PATH
 from tests.adapters.slack.fake_slack import APP_TOKEN, BOT_TOKEN, SIGNING_SECRET, FakeSlack, sign
 from tests.support import BotStack, ScriptedGenerator, bot_stack, start_adapter
 
