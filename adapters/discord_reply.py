@@ -251,6 +251,16 @@ class MessageReply(DiscordReply):
     def _where(self) -> dict[str, Any]:
         return {"kind": "message", "channel_id": str(self._channel.id)}
 
+    async def accept(self) -> None:
+        """A fresh mention or DM: "<bot> is typing…" at once (Discord shows it for up to 10 s), so
+        the asker sees it was heard while earlier messages of the conversation are answered."""
+        if self._message_id is None or self._ids:
+            return
+        try:
+            await self._channel.typing()
+        except RETRYABLE as exc:  # only a courtesy: the placeholder follows when its turn comes
+            log.info("could not show Discord's typing indicator: %s", exc)
+
     async def _show(self, text: str) -> None:
         await super()._show(f"{self._quote}{text}" if self._quote else text)
 

@@ -591,6 +591,8 @@ class FakeDiscord:
                 if nonce is not None:
                     self._nonces[key] = posted.id
                 return _json(self._message(posted))
+            case "POST", ["channels", _, "typing"]:
+                return web.Response(status=204)
             case "PATCH", ["channels", _, "messages", message]:
                 return self._edit(self.posted[int(message)], body)
             case "DELETE", ["channels", _, "messages", message]:

@@ -11,7 +11,7 @@ from bot.core import RESET_REFUSAL, RESET_TEXT
 from bot.events import ChannelRef
 from bot.generation import GenerationRequest
 from tests.adapters.discord.conftest import StartRunning
-from tests.adapters.discord.fake_discord import BOT_ID, GUILD_ID, FakeDiscord, Posted
+from tests.adapters.discord.fake_discord import BOT_ID, GUILD_ID, FakeDiscord, Fault, Posted, server_error
 from tests.support import ScriptedGenerator
 
 
@@ -46,6 +46,44 @@ async def test_a_mention_gets_a_reply_and_everything_else_is_ignored(
     assert create.body["content"] == PLACEHOLDER  # posted at once, then edited with the answer
     assert int(create.body["message_reference"]["message_id"]) == first
     assert reply.channel_id == channel
+
+
+async def test_a_queued_mention_shows_typing_at_once_and_its_placeholder_in_its_turn(
+    fake: FakeDiscord, running: StartRunning
+) -> None:
+    channel = fake.add_channel()
+    generator = ScriptedGenerator(token_delay=0.1)  # the first answer streams for about a second
+
+    def typing_calls() -> list[int]:
+        return [index for index, call in enumerate(fake.calls) if call.path == f"/channels/{channel}/typing"]
+
+    async with running(generator):
+        first = await fake.user_message(channel, f"<@{BOT_ID}> long one", mentions=(BOT_ID,))
+        await fake.wait_for(lambda: fake.replies_to(first))
+        second = await fake.user_message(channel, f"<@{BOT_ID}> me too", mentions=(BOT_ID,))
+        await fake.wait_for(lambda: len(typing_calls()) == 2)
+        assert fake.replies_to(second) == []  # queued behind the first: only "typing" so far
+        await answer_to(fake, first, "Answer 1 to: long one")
+        await answer_to(fake, second, "Answer 2 to: me too")
+    posts = [
+        index
+        for index, call in enumerate(fake.calls)
+        if call.method == "POST" and call.path.endswith("/messages")
+    ]
+    assert typing_calls()[0] < posts[0] and typing_calls()[1] < posts[1]
+
+
+async def test_a_refused_typing_indicator_does_not_stop_the_answer(
+    fake: FakeDiscord, running: StartRunning
+) -> None:
+    channel = fake.add_channel()
+    refused = fake.add_fault(
+        Fault(lambda call: call.path.endswith("/typing"), answers=[server_error(403)] * 5)
+    )
+    async with running():
+        message = await fake.user_message(channel, f"<@{BOT_ID}> hi", mentions=(BOT_ID,))
+        await answer_to(fake, message, "Answer 1 to: hi")
+    assert refused.seen == 1
 
 
 async def test_a_mention_in_a_thread_is_answered_in_the_thread(
