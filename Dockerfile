@@ -2,7 +2,7 @@
 # (`docker run IMAGE api --host 0.0.0.0`, `... doctor`, `... chat`).
 FROM python:3.11-slim
 
-# g++ builds the native int4 kernel at the first start (without it PyTorch's slower int4 path runs).
+# g++ builds the native int4 kernel once, at the first start (without it PyTorch's slower int4 path runs).
 RUN apt-get update \
     && apt-get install -y --no-install-recommends g++ \
     && rm -rf /var/lib/apt/lists/*
@@ -27,6 +27,13 @@ RUN useradd --create-home --uid 10001 chatglm \
 USER chatglm
 
 # SQLite history (the default BOT_DATABASE_URL) and the compiled int4 kernel persist in the volume.
+# The kernel is deliberately not built here (no `RUN chatglm-bot build-kernel`): it is compiled with
+# -march=native, so a build during `docker build` would target the build machine's CPU, not the one
+# the container runs on (its cache key holds the CPU flags, so another CPU would compile again anyway),
+# and a build under /data/cache would be hidden by any bind-mounted or existing volume. The first
+# container start compiles it once (a few minutes) into the volume; later starts only load it. To do
+# that ahead of the first `serve` on the target machine: `docker run -v DATA:/data IMAGE build-kernel`
+# (or `docker compose run --rm api build-kernel`).
 # Inside a container the servers must listen on every interface to be reachable.
 ENV BOT_DATA_DIR=/data \
     XDG_CACHE_HOME=/data/cache \

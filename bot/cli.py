@@ -1,4 +1,5 @@
-"""Command line: ``chatglm-bot serve | chat | api | run | generate | doctor | backup | discord-sync``."""
+"""Command line: ``chatglm-bot serve | chat | api | run | generate | doctor | build-kernel | backup |
+discord-sync``."""
 
 from __future__ import annotations
 
@@ -59,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
 
     doctor = sub.add_parser("doctor", help="check the setup in a few seconds, without loading the model")
     doctor.set_defaults(func=_doctor)
+
+    kernel = sub.add_parser(
+        "build-kernel",
+        help="compile the native int4 kernel into its cache now (once), so no start compiles it",
+    )
+    kernel.set_defaults(func=_build_kernel)
 
     backup = sub.add_parser("backup", help="copy the history database to FILE while the bot runs")
     from bot import backup as backup_command
@@ -135,6 +142,12 @@ def _chat(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     settings = load_settings(warn=False)  # serve / chat load them again, and warn then
     return _serve(args) if settings.slack_enabled or settings.discord_enabled else _chat(args)
+
+
+def _build_kernel(args: argparse.Namespace) -> int:
+    from bot.model import build_kernel
+
+    return build_kernel.run(load_settings(warn=False).int4_kernel)
 
 
 def _doctor(args: argparse.Namespace) -> int:

@@ -10,7 +10,6 @@ import asyncio
 import functools
 import json
 import platform
-import shutil
 import socket
 import sys
 from collections.abc import Callable, Mapping
@@ -142,25 +141,30 @@ def _python() -> Check:
 def _kernel(settings: Settings) -> Check:
     if settings.int4_kernel == "torch":
         return Check("ok", "kernel", "BOT_INT4_KERNEL=torch: PyTorch's int4 path, nothing is compiled")
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        flags = set()
-    from bot.model.kernels.native import ISA_FLAGS  # the kernel's own table (imports torch: ~1-2 s)
+    from bot.model.kernels import build  # the kernel's own table and cache key (imports torch: ~1-2 s)
 
-    isa = next((name for name, need in ISA_FLAGS.items() if flags.issuperset(need)), None)
-    compiler = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    flags = build.cpu_flags()
+    isa = build.expected_isa(flags)
     amx = " + AMX-INT8" if {"amx_int8", "amx_tile"} <= flags else ""
     if isa is None:
         return Check("note", "kernel", "no AVX2/AVX512-VNNI: the int4 layers use PyTorch's slower path")
-    if compiler is None:
+    try:
+        where = build.plan()  # the cache key only: runs `c++ --version`, compiles nothing
+    except build.Unbuildable as exc:
         return Check(
             "note",
             "kernel",
-            f"the CPU has {isa}{amx} but no C++ compiler was found: PyTorch's slower int4 path",
+            f"the CPU has {isa}{amx} but {exc}: PyTorch's slower int4 path",
             "install g++ (apt-get install g++) for the native kernel",
         )
-    return Check("ok", "kernel", f"native int4 kernel ({isa}{amx}), built with {compiler} on first start")
+    if where.built:
+        return Check("ok", "kernel", f"native int4 kernel ({isa}{amx}): built, cached at {where.directory}")
+    return Check(
+        "note",
+        "kernel",
+        f"native int4 kernel ({isa}{amx}): not built yet, the first start compiles it (a few minutes)",
+        "run `chatglm-bot build-kernel` to build it now",
+    )
 
 
 def _checkpoint(settings: Settings) -> Check:

@@ -25,4 +25,10 @@ if [ "${have%% *}" != "$want" ] || { [ -n "$extras" ] && [ "${have#* }" != "$ext
     # torch is pinned in pyproject.toml to the CPU build; see README for CUDA.
     .venv/bin/python -m pip install --quiet -e ".${extras:+[$extras]}"
     echo "$want $extras" > "$stamp"
+    # A production install (scripts/run: no extras) compiles the native int4 kernel now, once, so no
+    # start does; scripts/test builds it in its own fixtures. A failure only means PyTorch's slower
+    # int4 path runs, so it does not stop the run.
+    if [ -z "$extras" ]; then
+        .venv/bin/chatglm-bot build-kernel >&2 || echo "build-kernel failed; the bot falls back to PyTorch's int4 path" >&2
+    fi
 fi

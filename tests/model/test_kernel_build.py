@@ -177,7 +177,7 @@ def test_a_failed_build_leaves_nothing_in_the_cache(monkeypatch: pytest.MonkeyPa
 
     def broken(name: str, directory: Path) -> None:
         (directory / f"{name}.so").write_bytes(b"half")
-        raise build._Unavailable("build failed: out of memory")
+        raise build.Unavailable("build failed: out of memory")
 
     monkeypatch.setattr(build, "_compile", broken)
     assert build._load(tmp_path) == (None, "build failed: out of memory")

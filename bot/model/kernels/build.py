@@ -7,6 +7,8 @@ processes only import it (no lock). Builders take an flock, which dies with its 
 waits for another's build ``BOT_KERNEL_BUILD_WAIT_S`` at most, then falls back. Where there is no
 compiler, no ninja or no supported instruction set, or the kernels are disabled, ``kernel()`` is None
 and ops.py computes the exact float32 reference instead; which of them runs is logged once.
+``plan()`` tells where the build is or would be cached without compiling (``doctor``), ``build_now()``
+builds it ahead of a start (``chatglm-bot build-kernel``).
 
 -march=native picks the instruction set at compile time (int4_isa.h): AVX512-VNNI, else AVX2;
 AMX-INT8 serves calls of many token rows where the CPU and the OS have it (``set_amx``).
@@ -28,6 +30,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -171,7 +174,7 @@ def _build_lock(path: Path, wait_s: float) -> Iterator[None]:
                     logger.info("waiting for another process building the kernel (up to %.0f s)", wait_s)
                     deadline = time.monotonic() + wait_s
                 elif time.monotonic() >= deadline:
-                    raise _Unavailable(
+                    raise Unavailable(
                         f"another process has been building the kernel for over {wait_s:.0f} s "
                         f"(lock {path}; BOT_KERNEL_BUILD_WAIT_S sets the wait)"
                     ) from None
@@ -224,12 +227,12 @@ def _compile(name: str, directory: Path) -> None:
         except subprocess.TimeoutExpired as exc:
             os.killpg(child.pid, signal.SIGKILL)
             child.wait()
-            raise _Unavailable(f"build took over {_COMPILE_TIMEOUT_S} s") from exc
+            raise Unavailable(f"build took over {_COMPILE_TIMEOUT_S} s") from exc
         finally:
             assert child.stdin is not None
             child.stdin.close()
     if code != 0:
-        raise _Unavailable(f"build failed: {log.read_text(errors='replace').strip()[-500:]}")
+        raise Unavailable(f"build failed: {log.read_text(errors='replace').strip()[-500:]}")
 
 
 def _build_into_cache(name: str, directory: Path) -> str:
@@ -254,7 +257,7 @@ def _load(cache_dir: Path) -> tuple[ModuleType | None, str]:
     """Builds (or finds in the cache) and imports the extension; logs the outcome once."""
     try:
         module, how = _build(cache_dir)
-    except _Unavailable as exc:
+    except Unavailable as exc:
         logger.warning("int4 matmul kernel unavailable (%s); using the float32 reference", exc)
         return None, str(exc)
     logger.info("int4 matmul kernel: native %s (%s)", module.isa, how)
@@ -268,30 +271,72 @@ def expected_isa(flags: frozenset[str]) -> str | None:
     return next((isa for isa, needs in ISA_FLAGS.items() if all(flag in flags for flag in needs)), None)
 
 
-class _Unavailable(Exception):
-    pass
+class Unavailable(Exception):
+    """Why the native kernel is not used (the float32 reference runs instead)."""
 
 
-def _build(cache_dir: Path) -> tuple[ModuleType, str]:
+class Unbuildable(Unavailable):
+    """No build can even be tried here: no supported instruction set, no compiler or no ninja."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where the kernel for this CPU, these sources, torch, Python and compiler is (or would be) cached."""
+
+    isa: str
+    directory: Path
+    name: str
+
+    @property
+    def library(self) -> Path:
+        return self.directory / f"{self.name}.so"
+
+    @property
+    def built(self) -> bool:
+        """A finished build is there (builds are only ever renamed into place whole)."""
+        return self.library.exists()
+
+
+def plan(cache_dir: Path | None = None) -> Plan:
+    """The build's cache place, compiling nothing: reads /proc/cpuinfo, runs ``c++ --version`` and hashes
+    the sources (well under a second), for ``doctor`` and ``build-kernel``. ``cache_dir`` defaults to the
+    configured one, else ``default_cache_dir()``, as a start uses. Raises ``Unbuildable`` where no build
+    can be tried (no supported instruction set, no compiler)."""
     isa = expected_isa(cpu_flags())
     if isa is None:
-        raise _Unavailable(f"CPU lacks {' and '.join('/'.join(flags) for flags in ISA_FLAGS.values())}")
+        raise Unbuildable(f"CPU lacks {' and '.join('/'.join(flags) for flags in ISA_FLAGS.values())}")
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
-        raise _Unavailable(f"no C++ compiler ({compiler})")
+        raise Unbuildable(f"no C++ compiler ({compiler})")
     try:
         version = subprocess.run(
             [compiler, "--version"], capture_output=True, text=True, timeout=60, check=True
         ).stdout.partition("\n")[0]
     except (OSError, subprocess.SubprocessError) as exc:
-        raise _Unavailable(f"compiler {compiler} --version failed: {exc}") from exc
-    directory = build_dir(cache_dir, version)
-    name = f"chatglm_int4_{directory.name.removeprefix('int4_native-')}"
-    library = directory / f"{name}.so"
+        raise Unbuildable(f"compiler {compiler} --version failed: {exc}") from exc
+    directory = build_dir(cache_dir or _state.cache_dir or default_cache_dir(), version)
+    return Plan(isa, directory, f"chatglm_int4_{directory.name.removeprefix('int4_native-')}")
+
+
+def build_now(where: Plan) -> str:
+    """Builds the kernel into ``where`` (or finds it there, or waits for another builder), then loads and
+    self-tests it, for ``build-kernel``; returns how (``compiled in N s``, ``loaded from cache``...).
+    Raises ``Unbuildable`` where no build can be tried (as no ninja), else ``Unavailable`` if it failed."""
+    return _build_at(where)[1]
+
+
+def _build(cache_dir: Path) -> tuple[ModuleType, str]:
+    where = plan(cache_dir)
+    module, how = _build_at(where)
+    return module, f"{how}, {where.directory}"
+
+
+def _build_at(where: Plan) -> tuple[ModuleType, str]:
+    isa, directory, name, library = where.isa, where.directory, where.name, where.library
     if library.exists():  # a finished build (only ever renamed into place whole): no lock, no wait
         how = "loaded from cache"
     else:
-        _check_ninja()
+        check_ninja()
         try:
             directory.parent.mkdir(parents=True, exist_ok=True)
             with _build_lock(directory.with_name(f"{directory.name}.lock"), build_wait_s()):
@@ -301,18 +346,18 @@ def _build(cache_dir: Path) -> tuple[ModuleType, str]:
                     else _build_into_cache(name, directory)
                 )
         except OSError as exc:
-            raise _Unavailable(f"cannot build into {cache_dir}: {exc}") from exc
+            raise Unavailable(f"cannot build into {directory.parent}: {exc}") from exc
     try:
         module = _import(name, library)
     except ImportError as exc:
-        raise _Unavailable(f"cannot load {library}: {exc}") from exc
+        raise Unavailable(f"cannot load {library}: {exc}") from exc
     if module.isa != isa:  # -march=native disagreeing with /proc/cpuinfo: a stale or foreign build
-        raise _Unavailable(f"built for {module.isa}, expected {isa}")
+        raise Unavailable(f"built for {module.isa}, expected {isa}")
     _self_test(module)
-    return module, f"{how}, {directory}"
+    return module, how
 
 
-def _check_ninja() -> None:
+def check_ninja() -> None:
     from torch.utils import cpp_extension
 
     # The ninja PyPI package installs its binary beside this interpreter, which need not be on PATH.
@@ -320,7 +365,7 @@ def _check_ninja() -> None:
     if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = os.pathsep.join((bin_dir, os.environ.get("PATH", "")))
     if not cpp_extension.is_ninja_available():
-        raise _Unavailable("ninja is not installed")
+        raise Unbuildable("ninja is not installed")
 
 
 def _self_test(module: Any) -> None:
@@ -333,4 +378,4 @@ def _self_test(module: Any) -> None:
     reference = x @ int4.dequantize(qweight, scale[:40], torch.float32).T
     error = ((y - reference).norm() / reference.norm()).item()
     if not error < 0.02:
-        raise _Unavailable(f"self-test failed: relative error {error:.3g} against the float32 reference")
+        raise Unavailable(f"self-test failed: relative error {error:.3g} against the float32 reference")
