@@ -20,10 +20,17 @@ want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 have="$(cat "$stamp" 2>/dev/null || true)"
 # The stamp is "<hash> <extras>"; an install with dev extras also serves a runtime-only run.
 if [ "${have%% *}" != "$want" ] || { [ -n "$extras" ] && [ "${have#* }" != "$extras" ]; }; then
-    echo "installing chatglm-bot${extras:+ with [$extras]} into .venv (first run takes a few minutes)" >&2
-    .venv/bin/python -m pip install --quiet --upgrade pip
-    # torch is pinned in pyproject.toml to the CPU build; see README for CUDA.
-    .venv/bin/python -m pip install --quiet -e ".${extras:+[$extras]}"
+    # pip's own output (hundreds of lines, warnings of the machine's pip configuration) goes to a
+    # log; the terminal gets one line, and on a failure the log's end.
+    log=.venv/install.log
+    echo "installing chatglm-bot${extras:+ with [$extras]} into .venv (first run takes a few minutes; pip's output: $log)" >&2
+    # torch is pinned in pyproject.toml; see README for the CPU-only and CUDA wheels.
+    if ! { .venv/bin/python -m pip install --upgrade pip \
+        && .venv/bin/python -m pip install -e ".${extras:+[$extras]}"; } > "$log" 2>&1; then
+        echo "installing chatglm-bot failed; the end of $log:" >&2
+        tail -n 20 "$log" >&2
+        exit 1
+    fi
     echo "$want $extras" > "$stamp"
     # A production install (scripts/run: no extras) compiles the native int4 kernel now, once, so no
     # start does; scripts/test builds it in its own fixtures. A failure only means PyTorch's slower
