@@ -340,6 +340,7 @@ async def test_health_is_degraded_when_the_database_does_not_answer(tmp_path: Pa
 
         report = await app._health(service, Unanswering(), bot, supervisor)  # type: ignore[arg-type]
     finally:
+        await supervisor.close()
         await storage.close()
     assert report["status"] == "degraded" and report["database"] == "down"
     assert report["replica"] == "elsewhere#1"
