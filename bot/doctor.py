@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import yaml
 from alembic.script import ScriptDirectory
+from pydantic import SecretStr
 from sqlalchemy import text
 
 from adapters.slack_events import EVENTS_PATH
@@ -258,14 +259,7 @@ async def _platforms(settings: Settings, *, full: bool = True) -> list[Check]:
 async def _slack(settings: Settings, http: aiohttp.ClientSession) -> tuple[Check, set[str] | None]:
     """The bot token's line, and the scopes Slack says it was granted (None where it did not say)."""
     assert settings.slack_bot_token is not None
-    answer = await _call(
-        http,
-        "POST",
-        _slack_url(settings, "auth.test"),
-        {"Authorization": f"Bearer {settings.slack_bot_token.get_secret_value()}"},
-        name="slack",
-        where=settings.slack_api_url,
-    )
+    answer = await _slack_call(settings, http, "auth.test", settings.slack_bot_token, name="slack")
     if isinstance(answer, Check):
         return answer, None
     body = answer.body
@@ -346,13 +340,8 @@ async def _slack_mode(settings: Settings, http: aiohttp.ClientSession) -> Check:
             "set it as the app's Event Subscriptions and slash command Request URL "
             "(socket_mode_enabled: false in the manifest)",
         )
-    answer = await _call(
-        http,
-        "POST",
-        _slack_url(settings, "apps.connections.open"),
-        {"Authorization": f"Bearer {settings.slack_app_token.get_secret_value()}"},
-        name="slack-mode",
-        where=settings.slack_api_url,
+    answer = await _slack_call(
+        settings, http, "apps.connections.open", settings.slack_app_token, name="slack-mode"
     )
     if isinstance(answer, Check):
         return answer
@@ -376,14 +365,8 @@ async def _slack_app(settings: Settings, http: aiohttp.ClientSession) -> Check:
     if config_token is None or not app_id:
         lacking = "SLACK_APP_ID" if config_token is not None else "SLACK_APP_CONFIG_TOKEN"
         return Check("note", "slack-app", f"{lacking} is not set: the app's live manifest is not compared")
-    answer = await _call(
-        http,
-        "POST",
-        _slack_url(settings, "apps.manifest.export"),
-        {"Authorization": f"Bearer {config_token.get_secret_value()}"},
-        name="slack-app",
-        where=settings.slack_api_url,
-        data={"app_id": app_id},
+    answer = await _slack_call(
+        settings, http, "apps.manifest.export", config_token, name="slack-app", data={"app_id": app_id}
     )
     if isinstance(answer, Check):
         return answer
@@ -430,8 +413,25 @@ def _dig(data: Any, *keys: str) -> Any:
     return data
 
 
-def _slack_url(settings: Settings, method: str) -> str:
-    return settings.slack_api_url.rstrip("/") + "/" + method
+async def _slack_call(
+    settings: Settings,
+    http: aiohttp.ClientSession,
+    method: str,
+    token: SecretStr,
+    *,
+    name: str,
+    data: Mapping[str, str] | None = None,
+) -> _Answer | Check:
+    """One Slack Web API call (``_call``) with ``token`` as the bearer."""
+    return await _call(
+        http,
+        "POST",
+        settings.slack_api_url.rstrip("/") + "/" + method,
+        {"Authorization": f"Bearer {token.get_secret_value()}"},
+        name=name,
+        where=settings.slack_api_url,
+        data=data,
+    )
 
 
 @functools.cache
