@@ -5,15 +5,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 
 from bot import app
-from bot.config import ConfigError
+from bot.config import ConfigError, Settings
 from tests.adapters.discord.fake_discord import BOT_ID, FakeDiscord
 from tests.adapters.slack.fake_slack import APP_TOKEN, BOT_TOKEN, FakeSlack, event_body, mention
 from tests.support import ScriptedGenerator, free_port, make_settings
+
+
+def _with_discord(tmp_path: Path, discord: FakeDiscord, **overrides: Any) -> Settings:
+    """Settings whose Discord is ``discord`` (the fake's token, REST API and gateway)."""
+    return make_settings(
+        tmp_path,
+        discord_bot_token=discord.token,
+        discord_api_url=discord.api_url,
+        discord_gateway_url=discord.gateway_url,
+        **overrides,
+    )
 
 
 async def test_serve_runs_slack_and_discord_together(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -22,15 +34,13 @@ async def test_serve_runs_slack_and_discord_together(tmp_path: Path, monkeypatch
     slack = await FakeSlack().start()
     discord = FakeDiscord()
     await discord.start()
-    settings = make_settings(
+    settings = _with_discord(
         tmp_path,
+        discord,
         http_port=free_port(),
         slack_bot_token=BOT_TOKEN,
         slack_app_token=APP_TOKEN,
         slack_api_url=slack.api_url,
-        discord_bot_token=discord.token,
-        discord_api_url=discord.api_url,
-        discord_gateway_url=discord.gateway_url,
     )
     serving = asyncio.create_task(app.run(settings))
     try:
@@ -68,15 +78,13 @@ async def test_an_unreachable_slack_leaves_discord_and_health_running(
     discord = FakeDiscord()
     await discord.start()
     port = free_port()
-    settings = make_settings(
+    settings = _with_discord(
         tmp_path,
+        discord,
         http_port=port,
         slack_bot_token=BOT_TOKEN,
         slack_app_token=APP_TOKEN,
         slack_api_url=f"http://127.0.0.1:{free_port()}/api/",  # nothing listens there
-        discord_bot_token=discord.token,
-        discord_api_url=discord.api_url,
-        discord_gateway_url=discord.gateway_url,
     )
     serving = asyncio.create_task(app.run(settings))
     try:
@@ -160,13 +168,7 @@ async def test_a_dropped_discord_gateway_is_reported_until_it_is_back(
     discord = FakeDiscord()
     await discord.start()
     port = free_port()
-    settings = make_settings(
-        tmp_path,
-        http_port=port,
-        discord_bot_token=discord.token,
-        discord_api_url=discord.api_url,
-        discord_gateway_url=discord.gateway_url,
-    )
+    settings = _with_discord(tmp_path, discord, http_port=port)
     serving = asyncio.create_task(app.run(settings))
     try:
         await _until_discord(port, "connected")
@@ -196,13 +198,7 @@ async def test_a_token_discord_revokes_while_running_stops_the_bot_with_one_reas
     discord = FakeDiscord()
     await discord.start()
     port = free_port()
-    settings = make_settings(
-        tmp_path,
-        http_port=port,
-        discord_bot_token=discord.token,
-        discord_api_url=discord.api_url,
-        discord_gateway_url=discord.gateway_url,
-    )
+    settings = _with_discord(tmp_path, discord, http_port=port)
     serving = asyncio.create_task(app.run(settings))
     try:
         await _until_discord(port, "connected")

@@ -1,5 +1,7 @@
 import asyncio
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -219,30 +221,39 @@ class Flaky(SteadyConnection):
         return None
 
 
-async def test_an_unreachable_adapter_is_retried_until_it_connects(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _serve_only(monkeypatch: pytest.MonkeyPatch, adapter: Flaky) -> None:
+    """``app.run`` with the scripted model and ``adapter`` as its only platform, retried at once."""
     monkeypatch.setattr(app, "model_factory", lambda settings: ScriptedGenerator)
     monkeypatch.setattr(app, "RETRY_FIRST_S", 0.01)
-    flaky = Flaky(PlatformUnreachable("down"), OSError("refused"))
-    monkeypatch.setattr(app, "platform_adapters", lambda settings, http_app: [flaky])
+    monkeypatch.setattr(app, "platform_adapters", lambda settings, http_app: [adapter])
+
+
+@asynccontextmanager
+async def _serving(tmp_path: Path) -> AsyncIterator[None]:
     serving = asyncio.create_task(app.run(make_settings(tmp_path, http_port=free_port())))
     try:
-        await asyncio.wait_for(flaky.running.wait(), 10)
+        yield
     finally:
         serving.cancel()
         with pytest.raises(asyncio.CancelledError):
             await serving
+
+
+async def test_an_unreachable_adapter_is_retried_until_it_connects(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flaky = Flaky(PlatformUnreachable("down"), OSError("refused"))
+    _serve_only(monkeypatch, flaky)
+    async with _serving(tmp_path):
+        await asyncio.wait_for(flaky.running.wait(), 10)
     assert flaky.starts == 3
 
 
 async def test_credentials_rejected_on_a_retry_stop_the_bot(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(app, "model_factory", lambda settings: ScriptedGenerator)
-    monkeypatch.setattr(app, "RETRY_FIRST_S", 0.01)
     flaky = Flaky(PlatformUnreachable("down"), ConfigError("rejected TOKEN"))
-    monkeypatch.setattr(app, "platform_adapters", lambda settings, http_app: [flaky])
+    _serve_only(monkeypatch, flaky)
     with pytest.raises(ConfigError, match="rejected TOKEN"):
         await asyncio.wait_for(app.run(make_settings(tmp_path, http_port=free_port())), 10)
 
@@ -274,30 +285,22 @@ class Dropping(Flaky):
 async def test_an_adapter_whose_connection_ends_is_stopped_and_started_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(app, "model_factory", lambda settings: ScriptedGenerator)
-    monkeypatch.setattr(app, "RETRY_FIRST_S", 0.01)
     dropping = Dropping(PlatformUnreachable("gateway gone"), RuntimeError("a bug in the client"))
-    monkeypatch.setattr(app, "platform_adapters", lambda settings, http_app: [dropping])
-    serving = asyncio.create_task(app.run(make_settings(tmp_path, http_port=free_port())))
-    try:
+    _serve_only(monkeypatch, dropping)
+    async with _serving(tmp_path):
         for _ in range(500):
             if dropping.starts == 3 and not dropping.losses:
                 break
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.1)  # it stays up now
-    finally:
-        serving.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await serving
     assert (dropping.starts, dropping.stops) == (3, 2 + 1)  # each loss, then the shutdown
 
 
 async def test_a_connection_the_platform_ends_for_bad_settings_stops_the_bot(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(app, "model_factory", lambda settings: ScriptedGenerator)
     dropping = Dropping(ConfigError("Discord rejected DISCORD_BOT_TOKEN"))
-    monkeypatch.setattr(app, "platform_adapters", lambda settings, http_app: [dropping])
+    _serve_only(monkeypatch, dropping)
     with pytest.raises(ConfigError, match="rejected DISCORD_BOT_TOKEN"):
         await asyncio.wait_for(app.run(make_settings(tmp_path, http_port=free_port())), 10)
     assert dropping.starts == 1
