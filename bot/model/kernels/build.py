@@ -333,7 +333,7 @@ def _build(cache_dir: Path) -> tuple[ModuleType, str]:
 
 def _build_at(where: Plan) -> tuple[ModuleType, str]:
     isa, directory, name, library = where.isa, where.directory, where.name, where.library
-    if library.exists():  # a finished build (only ever renamed into place whole): no lock, no wait
+    if where.built:  # no lock, no wait
         how = "loaded from cache"
     else:
         check_ninja()
